@@ -1,0 +1,29 @@
+"""NaN operations: functional core plus thin ``nn.Module`` wrappers (as torchvision.ops does).
+
+- :func:`nan_max_pool2d` marks pooling windows with a non-unique maximum (or only NaN) as NaN;
+- :func:`nan_max_unpool2d` carries those marks over the whole window into the decoder;
+- :func:`nan_conv2d` skips output positions whose input window is mostly NaN;
+- :func:`nanify` swaps a model's modules for :class:`NanMaxPool2d`, :class:`NanMaxUnpool2d` and
+  :class:`NanConv2d`; :func:`skip_stats` reads what they skipped.
+"""
+
+from .conv import ConvSkipStats, nan_conv2d, nan_conv2d_with_stats
+from .modules import NanConv2d, NanMaxPool2d, NanMaxUnpool2d
+from .nanify import NanifyReport, NanifyWarning, load_config, nanify, skip_stats
+from .pool import nan_max_pool2d, nan_max_unpool2d
+
+__all__ = [
+    "ConvSkipStats",
+    "NanConv2d",
+    "NanMaxPool2d",
+    "NanMaxUnpool2d",
+    "NanifyReport",
+    "NanifyWarning",
+    "load_config",
+    "nan_conv2d",
+    "nan_conv2d_with_stats",
+    "nan_max_pool2d",
+    "nan_max_unpool2d",
+    "nanify",
+    "skip_stats",
+]

@@ -1,0 +1,400 @@
+"""NaN convolution: skip output positions whose window is mostly NaN, fill the rest.
+
+Two implementations with the same semantics:
+
+- ``reference``: unfold the whole input (im2col) and apply the rules column by column; slow and
+  memory hungry but obviously correct;
+- ``fast``: one dense ``F.conv2d`` per band of output rows, cropped to the band's active
+  (non-skipped) columns, on the input with NaN replaced by 0. That is already exact wherever a
+  window holds no NaN; the few partially-NaN windows (a thin border band in practice) are then
+  recomputed exactly from gathered columns. Skipped positions cost nothing but their NaN write.
+
+``impl="auto"`` uses the banded path when the bands save enough work, otherwise a single dense
+convolution over the whole map (the same code with one band).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._args import IntPair, check_choice, check_fraction, check_input, check_nonnegative, pair
+
+FILLS = ("mean", "noisy_max")
+IMPLS = ("auto", "reference", "fast")
+
+#: output rows per band of the fast path
+BAND_ROWS = 16
+#: ``auto`` runs one dense conv unless the bands cover at most this fraction of the output map
+AUTO_MAX_BAND_FRACTION = 0.85
+#: ``auto`` never bands maps with fewer output positions than this (call overhead dominates)
+AUTO_MIN_POSITIONS = 48 * 48
+#: gathered window entries per chunk when recomputing partially-NaN windows
+GATHER_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class ConvSkipStats:
+    """What one ``nan_conv2d`` call did (counts summed over the batch)."""
+
+    positions: int
+    skipped: int
+    partial: int
+    macs_per_position: int
+    positions_executed: int
+
+    @property
+    def macs(self) -> int:
+        return self.positions * self.macs_per_position
+
+    @property
+    def macs_skipped(self) -> int:
+        return self.skipped * self.macs_per_position
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    k: tuple[int, int]
+    s: tuple[int, int]
+    p: tuple[int, int]
+    d: tuple[int, int]
+    out_hw: tuple[int, int]
+
+
+def _check_conv_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    groups: int,
+) -> tuple[torch.Tensor, bool, _Geometry]:
+    x4, squeeze = check_input(x)
+    if groups != 1:
+        raise ValueError(f"groups must be 1 (grouped convolution is not supported), got {groups!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 4-D tensor (C_out, C_in, kH, kW), got {got}")
+    if weight.shape[1] != x4.shape[1]:
+        raise ValueError(f"weight expects C_in={weight.shape[1]} input channels but input has "
+                         f"{x4.shape[1]} (groups must be 1)")
+    if weight.dtype != x4.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from input dtype {x4.dtype}")
+    if bias is not None and (not isinstance(bias, torch.Tensor)
+                             or tuple(bias.shape) != (weight.shape[0],)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},), got {got}")
+    k = (int(weight.shape[2]), int(weight.shape[3]))
+    s = pair(stride, "stride", minimum=1)
+    p = pair(padding, "padding", minimum=0)
+    d = pair(dilation, "dilation", minimum=1)
+    h, w = x4.shape[-2:]
+    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input of spatial size {(h, w)} is too small for kernel {k} with "
+                         f"padding {p} and dilation {d}")
+    return x4, squeeze, _Geometry(k, s, p, d, (ho, wo))
+
+
+def _skip_masks(
+    nan: torch.Tensor, g: _Geometry, nan_threshold: float, count_padding: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``skip`` and ``partial`` (N, Ho, Wo) bool masks from the input's NaN mask.
+
+    r = NaN entries / window entries; window entries are the in-bounds ones unless
+    ``count_padding`` (then all C_in*kH*kW). ``skip = r >= nan_threshold``; ``partial`` marks the
+    computed positions whose window holds at least one NaN.
+    """
+    n, c, h, w = nan.shape
+    dtype = torch.float64 if c * g.k[0] * g.k[1] >= 1 << 24 else torch.float32
+    ones_k = torch.ones(1, 1, *g.k, dtype=dtype, device=nan.device)
+    # a uint8 channel sum is much faster than a bool -> float one; exact while C < 256
+    count_dtype = torch.uint8 if c < 256 else torch.int32
+    per_pixel = nan.view(torch.uint8).sum(1, keepdim=True, dtype=count_dtype).to(dtype)
+    nan_count = F.conv2d(per_pixel, ones_k, None, g.s, g.p, g.d)[:, 0]  # exact small integers
+    if count_padding:
+        entries = torch.full((1, 1, 1), c * g.k[0] * g.k[1], dtype=dtype, device=nan.device)
+    else:
+        inside = torch.ones(1, 1, h, w, dtype=dtype, device=nan.device)
+        entries = F.conv2d(inside, ones_k, None, g.s, g.p, g.d)[:, 0] * c
+    ratio = nan_count.double() / entries.double().clamp_min(1.0)
+    skip = ratio >= nan_threshold
+    return skip, (nan_count > 0) & ~skip
+
+
+def _fill_columns(
+    cols: torch.Tensor,
+    data: torch.Tensor,
+    fill: str,
+    sigma: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """Replace the NaN entries of window columns (P, K) by the fill; ``data`` marks real entries."""
+    nan = torch.isnan(cols)
+    if fill == "mean":
+        total = torch.where(data, cols, 0).sum(1, keepdim=True)
+        value = total / data.sum(1, keepdim=True).clamp_min(1)
+    else:
+        peak = torch.where(data, cols, float("-inf")).amax(1, keepdim=True)
+        value = peak + sigma * noise
+    return torch.where(nan, value, cols)
+
+
+def _noise(
+    count: int, k: int, like: torch.Tensor, fill: str, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """One N(0, 1) draw per window entry of each partially-NaN position, in row-major order."""
+    if fill != "noisy_max" or count == 0:
+        return None
+    return torch.randn(count, k, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def _reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: _Geometry,
+    nan_threshold: float,
+    fill: str,
+    sigma: float,
+    generator: torch.Generator | None,
+    count_padding: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c, h, w = x.shape
+    cout = weight.shape[0]
+    cols = F.unfold(x, g.k, dilation=g.d, padding=g.p, stride=g.s)  # (N, K, L), zero padding
+    inside = F.unfold(torch.ones(1, c, h, w, dtype=x.dtype, device=x.device), g.k,
+                      dilation=g.d, padding=g.p, stride=g.s) > 0  # (1, K, L)
+    entries = torch.ones_like(inside) if count_padding else inside
+    nan = torch.isnan(cols)
+    ratio = nan.sum(1).double() / entries.sum(1).double().clamp_min(1.0)  # (N, L)
+    skip = ratio >= nan_threshold
+    partial = nan.any(1) & ~skip
+    cols_t = cols.transpose(1, 2)  # (N, L, K)
+    part_cols = cols_t[partial]  # (P, K), row-major position order
+    data = (entries.transpose(1, 2) & ~nan.transpose(1, 2))[partial]
+    noise = _noise(part_cols.shape[0], part_cols.shape[1], x, fill, generator)
+    filled = cols_t.clone()
+    if part_cols.shape[0]:
+        filled[partial] = _fill_columns(part_cols, data, fill, sigma, noise)
+    out = filled @ weight.reshape(cout, -1).T  # (N, L, C_out)
+    if bias is not None:
+        out = out + bias
+    out = out.masked_fill(skip.unsqueeze(-1), float("nan"))
+    shape = (n, *g.out_hw)
+    return out.transpose(1, 2).reshape(n, cout, *g.out_hw), skip.reshape(shape), partial.reshape(
+        shape)
+
+
+def _bands(active: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, int]]:
+    """Rectangles ``(r0, r1, c0, c1)`` (inclusive) covering the active (Ho, Wo) positions."""
+    ho, wo = active.shape
+    row_any = active.any(1)
+    first = active.to(torch.uint8).argmax(1)
+    last = wo - 1 - active.flip(1).to(torch.uint8).argmax(1)
+    row_any, first, last = row_any.tolist(), first.tolist(), last.tolist()
+    rects = []
+    for start in range(0, ho, band_rows):
+        rows = [r for r in range(start, min(start + band_rows, ho)) if row_any[r]]
+        if rows:
+            rects.append((rows[0], rows[-1], min(first[r] for r in rows),
+                          max(last[r] for r in rows)))
+    return rects
+
+
+def _dense_crop(
+    x: torch.Tensor, g: _Geometry, rows: tuple[int, int], cols: tuple[int, int]
+) -> torch.Tensor:
+    """The zero-padded, NaN-free input region that output rows/cols (inclusive) read."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
+    h, w = x.shape[-2:]
+    top, bottom = rows[0] * sh - ph, rows[1] * sh - ph + dh * (kh - 1) + 1
+    left, right = cols[0] * sw - pw, cols[1] * sw - pw + dw * (kw - 1) + 1
+    crop = x[..., max(top, 0) : min(bottom, h), max(left, 0) : min(right, w)]
+    pads = (max(-left, 0), max(right - w, 0), max(-top, 0), max(bottom - h, 0))
+    if any(pads):
+        return F.pad(crop, pads).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    # the copy is one conv2d would make of a strided view anyway
+    return torch.nan_to_num(crop, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+
+
+def _fast(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: _Geometry,
+    skip: torch.Tensor,
+    partial: torch.Tensor,
+    fill: str,
+    sigma: float,
+    generator: torch.Generator | None,
+    count_padding: bool,
+    banded: bool | None,
+) -> tuple[torch.Tensor, int]:
+    """Banded dense conv + exact recomputation of partial windows. ``banded=None``: decide."""
+    n = x.shape[0]
+    cout = weight.shape[0]
+    ho, wo = g.out_hw
+    rects = _bands(~skip.all(0), BAND_ROWS)
+    band_area = sum((r1 - r0 + 1) * (c1 - c0 + 1) for r0, r1, c0, c1 in rects)
+    if banded is None:
+        banded = ho * wo >= AUTO_MIN_POSITIONS and band_area <= AUTO_MAX_BAND_FRACTION * ho * wo
+    if not banded and rects:
+        rects, band_area = [(0, ho - 1, 0, wo - 1)], ho * wo
+
+    if rects == [(0, ho - 1, 0, wo - 1)]:
+        y = F.conv2d(_dense_crop(x, g, (0, ho - 1), (0, wo - 1)), weight, bias, g.s, 0, g.d)
+    else:
+        y = x.new_empty(n, cout, ho, wo)
+        for r0, r1, c0, c1 in rects:
+            crop = _dense_crop(x, g, (r0, r1), (c0, c1))
+            y[..., r0 : r1 + 1, c0 : c1 + 1] = F.conv2d(crop, weight, bias, g.s, 0, g.d)
+
+    where = partial.nonzero(as_tuple=True)  # row-major, as in the reference
+    if where[0].numel():
+        _recompute_partial(x, weight, bias, g, y, where, fill, sigma, generator, count_padding)
+    y.masked_fill_(skip.unsqueeze(1), float("nan"))
+    return y, band_area * n
+
+
+def _recompute_partial(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: _Geometry,
+    y: torch.Tensor,
+    where: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    fill: str,
+    sigma: float,
+    generator: torch.Generator | None,
+    count_padding: bool,
+) -> None:
+    """Overwrite ``y`` at the partially-NaN positions with their exactly filled dot products.
+
+    Window columns (P, K), K in the weight's (c, kh, kw) order, are gathered with one flat index
+    per entry; positions whose window leaves the input read from a zero-padded copy instead.
+    """
+    n, c, h, w = x.shape
+    cout = weight.shape[0]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
+    pn, pr, pc = where
+    dev = x.device
+    top, left = pr * sh - ph, pc * sw - pw
+    border = bool(((top < 0) | (top + dh * (kh - 1) >= h) | (left < 0)
+                   | (left + dw * (kw - 1) >= w)).any())
+    if border:  # rare: gather from a zero-padded copy and mark the padding entries
+        src = F.pad(x, (pw, pw, ph, ph))
+        top, left = top + ph, left + pw
+        hs, ws = h + 2 * ph, w + 2 * pw
+        tap_r = torch.arange(kh, device=dev) * dh
+        tap_c = torch.arange(kw, device=dev) * dw
+        row_in = ((pr * sh)[:, None] + tap_r >= ph) & ((pr * sh)[:, None] + tap_r < ph + h)
+        col_in = ((pc * sw)[:, None] + tap_c >= pw) & ((pc * sw)[:, None] + tap_c < pw + w)
+        inside = (row_in[:, None, :, None] & col_in[:, None, None, :]).expand(-1, c, -1, -1)
+        inside = inside.reshape(len(pn), -1)
+    else:
+        src, hs, ws, inside = x, h, w, None
+    rel = (torch.arange(c, device=dev)[:, None, None] * (hs * ws)
+           + (torch.arange(kh, device=dev) * dh)[None, :, None] * ws
+           + (torch.arange(kw, device=dev) * dw)[None, None, :]).reshape(-1)  # (K,)
+    base = pn * (c * hs * ws) + top * ws + left  # (P,)
+    flat = src.reshape(-1)
+    wmat = weight.reshape(cout, -1).T
+    noise = _noise(len(pn), rel.numel(), x, fill, generator)
+    step = max(1, GATHER_CHUNK // rel.numel())
+    for lo in range(0, len(pn), step):
+        sl = slice(lo, lo + step)
+        cols = flat[base[sl, None] + rel]
+        data = ~torch.isnan(cols)
+        if inside is not None and not count_padding:
+            data &= inside[sl]
+        filled = _fill_columns(cols, data, fill, sigma, None if noise is None else noise[sl])
+        out = filled @ wmat
+        if bias is not None:
+            out += bias
+        y[pn[sl], :, pr[sl], pc[sl]] = out
+
+
+def nan_conv2d_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    nan_threshold: float = 1.0,
+    fill: str = "mean",
+    sigma: float = 1e-3,
+    generator: torch.Generator | None = None,
+    count_padding: bool = False,
+    impl: str = "auto",
+    groups: int = 1,
+) -> tuple[torch.Tensor, ConvSkipStats]:
+    """:func:`nan_conv2d` that also returns what it skipped (used by :class:`NanConv2d`)."""
+    x4, squeeze, g = _check_conv_args(x, weight, bias, stride, padding, dilation, groups)
+    nan_threshold = check_fraction(nan_threshold, "nan_threshold")
+    check_choice(fill, "fill", FILLS)
+    check_choice(impl, "impl", IMPLS)
+    sigma = check_nonnegative(sigma, "sigma")
+    n, c = x4.shape[:2]
+    positions = n * g.out_hw[0] * g.out_hw[1]
+    macs_per_position = weight.shape[0] * c * g.k[0] * g.k[1]
+
+    if impl == "reference":
+        y, skip, partial = _reference(x4, weight, bias, g, nan_threshold, fill, sigma, generator,
+                                      count_padding)
+        executed = positions
+    else:
+        # a NaN-free sum proves the input NaN-free (inf - inf only costs the slow path)
+        if nan_threshold > 0 and not bool(torch.isnan(x4.sum())):
+            y = F.conv2d(x4, weight, bias, g.s, g.p, g.d)
+            stats = ConvSkipStats(positions, 0, 0, macs_per_position, positions)
+            return (y.squeeze(0) if squeeze else y), stats
+        skip, partial = _skip_masks(torch.isnan(x4), g, nan_threshold, count_padding)
+        y, executed = _fast(x4, weight, bias, g, skip, partial, fill, sigma, generator,
+                            count_padding, banded=True if impl == "fast" else None)
+    stats = ConvSkipStats(positions, int(skip.sum()), int(partial.sum()), macs_per_position,
+                          executed)
+    return (y.squeeze(0) if squeeze else y), stats
+
+
+def nan_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    nan_threshold: float = 1.0,
+    fill: str = "mean",
+    sigma: float = 1e-3,
+    generator: torch.Generator | None = None,
+    count_padding: bool = False,
+    impl: str = "auto",
+    groups: int = 1,
+) -> torch.Tensor:
+    """2-D convolution that skips output positions whose input window is mostly NaN.
+
+    ``x``: (N, C_in, H, W) or (C_in, H, W); ``weight``: (C_out, C_in, kH, kW); ``bias``: (C_out,).
+    The window of an output position is its C_in*kH*kW input entries; r = NaN entries / window
+    entries, counting only in-bounds entries unless ``count_padding`` (zero padding then counts as
+    non-NaN, as in the paper). If ``r >= nan_threshold`` the position is skipped: NaN in every
+    output channel. Otherwise the window's NaNs are replaced by the fill and the usual dot product
+    plus bias is taken: ``fill="mean"``: the mean of the window's non-NaN entries;
+    ``fill="noisy_max"``: independent draws from N(max of the non-NaN entries, ``sigma``)
+    (reproducible with ``generator``). Without NaN it equals ``F.conv2d``.
+
+    ``impl``: ``"reference"`` (im2col, slow, obviously correct), ``"fast"`` (banded dense conv
+    over the active region) or ``"auto"`` (banded only when it saves work). ``groups`` must be 1.
+    Returns (N, C_out, Ho, Wo) (or (C_out, Ho, Wo) for 3-D input).
+    """
+    return nan_conv2d_with_stats(
+        x, weight, bias, stride, padding, dilation, nan_threshold=nan_threshold, fill=fill,
+        sigma=sigma, generator=generator, count_padding=count_padding, impl=impl, groups=groups,
+    )[0]

@@ -1,0 +1,163 @@
+"""Thin ``nn.Module`` wrappers around the NaN ops; each counts what it skipped.
+
+They subclass the matching ``torch.nn`` modules, so parameters, ``state_dict`` keys and
+constructors are the same (plus the NaN options, keyword-only).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ._args import IntPair, check_fraction, check_nonnegative
+from .conv import FILLS, IMPLS, nan_conv2d_with_stats
+from .pool import nan_max_pool2d, nan_max_unpool2d
+
+
+class SkipCounter:
+    """Mixin holding per-call (``last_stats``) and cumulative (``total_stats``) counters."""
+
+    kind = "op"
+
+    def _init_counter(self) -> None:
+        self.last_stats: dict[str, int] = {}
+        self.total_stats: Counter[str] = Counter()
+
+    def _record(self, **counts: int) -> None:
+        self.last_stats = dict(counts, calls=1)
+        self.total_stats.update(self.last_stats)
+
+    def reset_skip_stats(self) -> None:
+        """Forget everything counted so far."""
+        self._init_counter()
+
+
+class NanMaxPool2d(nn.MaxPool2d, SkipCounter):
+    """``nn.MaxPool2d`` running :func:`~nanprobe.ops.nan_max_pool2d` (dilation 1, floor mode).
+
+    Counts ``windows`` and ``nan_windows`` (ties or all-NaN) per call and in total.
+    """
+
+    kind = "pool"
+
+    def __init__(
+        self,
+        kernel_size: IntPair,
+        stride: IntPair | None = None,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        return_indices: bool = False,
+        ceil_mode: bool = False,
+        *,
+        tie_limit: int | None = 1,
+        tie_eps: float = 1e-7,
+        tie_rtol: float = 0.0,
+    ) -> None:
+        if dilation not in (1, (1, 1)) or ceil_mode:
+            raise ValueError("NanMaxPool2d supports dilation=1 and ceil_mode=False only, got "
+                             f"dilation={dilation!r}, ceil_mode={ceil_mode!r}")
+        if tie_limit is not None and (isinstance(tie_limit, bool) or not isinstance(tie_limit, int)
+                                      or tie_limit < 1):
+            raise ValueError(f"tie_limit must be None or an int >= 1, got {tie_limit!r}")
+        check_nonnegative(tie_eps, "tie_eps")
+        check_nonnegative(tie_rtol, "tie_rtol")
+        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+        self.tie_limit, self.tie_eps, self.tie_rtol = tie_limit, tie_eps, tie_rtol
+        self._init_counter()
+
+    def forward(self, x: torch.Tensor):  # noqa: D102 - see class docstring
+        values, indices = nan_max_pool2d(
+            x, self.kernel_size, self.stride, self.padding, tie_limit=self.tie_limit,
+            tie_eps=self.tie_eps, tie_rtol=self.tie_rtol, return_indices=True,
+        )
+        self._record(windows=values.numel(), nan_windows=int(torch.isnan(values).sum()))
+        return (values, indices) if self.return_indices else values
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, tie_limit={self.tie_limit}, tie_eps={self.tie_eps}, "
+                f"tie_rtol={self.tie_rtol}")
+
+
+class NanMaxUnpool2d(nn.MaxUnpool2d, SkipCounter):
+    """``nn.MaxUnpool2d`` running :func:`~nanprobe.ops.nan_max_unpool2d` (NaN marks spread).
+
+    Counts ``windows`` and ``nan_windows`` (NaN pooled values) per call and in total.
+    """
+
+    kind = "unpool"
+
+    def __init__(
+        self, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0
+    ) -> None:
+        super().__init__(kernel_size, stride, padding)
+        self._init_counter()
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, output_size: list[int] | None = None
+    ) -> torch.Tensor:  # noqa: D102
+        self._record(windows=x.numel(), nan_windows=int(torch.isnan(x).sum()))
+        return nan_max_unpool2d(x, indices, self.kernel_size, self.stride, self.padding,
+                                output_size)
+
+
+class NanConv2d(nn.Conv2d, SkipCounter):
+    """``nn.Conv2d`` running :func:`~nanprobe.ops.nan_conv2d` (groups=1, zero padding).
+
+    Counts ``positions``, ``skipped``, ``partial``, ``positions_executed``, ``macs`` and
+    ``macs_skipped`` per call and in total. ``generator`` seeds the ``noisy_max`` fill.
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        nan_threshold: float = 1.0,
+        fill: str = "mean",
+        sigma: float = 1e-3,
+        count_padding: bool = False,
+        impl: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if groups != 1 or padding_mode != "zeros" or isinstance(padding, str):
+            raise ValueError("NanConv2d supports groups=1, padding_mode='zeros' and numeric "
+                             f"padding only, got groups={groups!r}, padding_mode={padding_mode!r}, "
+                             f"padding={padding!r}")
+        if fill not in FILLS or impl not in IMPLS:
+            raise ValueError(f"fill must be one of {FILLS} and impl one of {IMPLS}, "
+                             f"got fill={fill!r}, impl={impl!r}")
+        check_fraction(nan_threshold, "nan_threshold")
+        check_nonnegative(sigma, "sigma")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self.nan_threshold, self.fill, self.sigma = nan_threshold, fill, sigma
+        self.count_padding, self.impl, self.generator = count_padding, impl, generator
+        self._init_counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        y, stats = nan_conv2d_with_stats(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+            nan_threshold=self.nan_threshold, fill=self.fill, sigma=self.sigma,
+            generator=self.generator, count_padding=self.count_padding, impl=self.impl,
+        )
+        self._record(positions=stats.positions, skipped=stats.skipped, partial=stats.partial,
+                     positions_executed=stats.positions_executed, macs=stats.macs,
+                     macs_skipped=stats.macs_skipped)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, nan_threshold={self.nan_threshold}, fill={self.fill!r}, "
+                f"count_padding={self.count_padding}, impl={self.impl!r}")

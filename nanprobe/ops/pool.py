@@ -1,0 +1,148 @@
+"""NaN max pooling (ties and NaN windows become NaN) and NaN max unpooling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._args import IntPair, check_input, check_nonnegative, pair, pool_output_size
+
+
+def _pool_geometry(
+    kernel_size: IntPair, stride: IntPair | None, padding: IntPair
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    k = pair(kernel_size, "kernel_size", minimum=1)
+    s = pair(kernel_size if stride is None else stride, "stride", minimum=1)
+    p = pair(padding, "padding", minimum=0)
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(f"padding must be at most half of kernel_size {k}, got {p}")
+    return k, s, p
+
+
+def _window_views(
+    xp: torch.Tensor, k: tuple[int, int], s: tuple[int, int], out_hw: tuple[int, int]
+):
+    """Yield, in row-major kernel order, the (N, C, Ho, Wo) strided view of each window offset."""
+    ho, wo = out_hw
+    for di in range(k[0]):
+        for dj in range(k[1]):
+            rows = slice(di, di + s[0] * (ho - 1) + 1, s[0])
+            yield xp[..., rows, dj : dj + s[1] * (wo - 1) + 1 : s[1]]
+
+
+def nan_max_pool2d(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    tie_limit: int | None = 1,
+    tie_eps: float = 1e-7,
+    tie_rtol: float = 0.0,
+    return_indices: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """Max pooling that marks numerically unstable windows as NaN.
+
+    ``x``: (N, C, H, W) or (C, H, W) float. Windows are those of ``F.max_pool2d`` (floor mode,
+    padding with -inf). Per window, NaN entries are ignored and ``m`` is the max of the rest:
+
+    - all entries NaN: value NaN, index 0;
+    - more than ``tie_limit`` entries ``w`` with ``w == m`` or ``|w - m| < tie_eps + tie_rtol*|m|``
+      (``m`` itself counts): value NaN, index 0 (``tie_limit=None`` disables this rule);
+    - otherwise: ``m`` and PyTorch's flat index ``h*W + w`` of the first maximum (row-major).
+
+    Returns ``(values, indices)`` of shape (N, C, Ho, Wo) (int64 indices), or only ``values``
+    when ``return_indices=False``. Without ties and NaN it equals ``F.max_pool2d``.
+    """
+    x4, squeeze = check_input(x)
+    k, s, p = _pool_geometry(kernel_size, stride, padding)
+    if tie_limit is not None and (isinstance(tie_limit, bool) or not isinstance(tie_limit, int)
+                                  or tie_limit < 1):
+        raise ValueError(f"tie_limit must be None or an int >= 1, got {tie_limit!r}")
+    tie_eps = check_nonnegative(tie_eps, "tie_eps")
+    tie_rtol = check_nonnegative(tie_rtol, "tie_rtol")
+    h, w = x4.shape[-2:]
+    if pool_output_size(h, k[0], s[0], p[0]) < 1 or pool_output_size(w, k[1], s[1], p[1]) < 1:
+        raise ValueError(f"input of spatial size {(h, w)} is smaller than kernel_size {k}")
+
+    nan = torch.isnan(x4)
+    has_nan = bool(nan.any())
+    clean = x4.masked_fill(nan, float("-inf")) if has_nan else x4
+    values, indices = F.max_pool2d(clean, k, s, p, return_indices=True)
+    bad = None
+    if has_nan:
+        bad = F.max_pool2d((~nan).to(x4.dtype), k, s, p) == 0  # window holds no number
+    if tie_limit is not None:
+        xp = x4 if p == (0, 0) else F.pad(x4, (p[1], p[1], p[0], p[0]), value=float("nan"))
+        tol = tie_eps + tie_rtol * values.abs() if tie_rtol > 0 else tie_eps
+        count_dtype = torch.uint8 if k[0] * k[1] < 256 else torch.int32
+        count = torch.zeros(values.shape, dtype=count_dtype, device=x4.device)
+        exact_only = tie_eps == 0.0
+        for win in _window_views(xp, k, s, tuple(values.shape[-2:])):
+            hit = (values - win) < tol  # NaN entries compare False; m - w >= 0 for w != NaN
+            if exact_only:
+                hit |= win == values
+            count += hit
+        tie = count > tie_limit
+        bad = tie if bad is None else bad | tie
+    if bad is not None:
+        values = values.masked_fill(bad, float("nan"))
+        indices = indices.masked_fill(bad, 0)
+    if squeeze:
+        values, indices = values.squeeze(0), indices.squeeze(0)
+    return (values, indices) if return_indices else values
+
+
+def nan_max_unpool2d(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    output_size: tuple[int, ...] | torch.Size | None = None,
+) -> torch.Tensor:
+    """Max unpooling that spreads NaN marks over their window.
+
+    ``values``/``indices``: (N, C, Ho, Wo) or (C, Ho, Wo), as returned by
+    :func:`nan_max_pool2d`. Finite values are scattered to their flat index in a zero map, as
+    ``F.max_unpool2d`` does; a NaN value writes NaN to every in-bounds position of its window
+    (its index is ignored). Output: (N, C, H, W) with ``(H, W)`` from ``output_size`` (the last two
+    entries are used) or the default ``(Ho - 1)*stride - 2*padding + kernel_size``.
+    """
+    v4, squeeze = check_input(values, "values")
+    if not isinstance(indices, torch.Tensor) or indices.shape != values.shape:
+        got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"indices must be a tensor shaped like values {tuple(values.shape)}, "
+                         f"got {got}")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    k, s, p = _pool_geometry(kernel_size, stride, padding)
+    i4 = indices.reshape(v4.shape).to(torch.int64)
+    n, c, ho, wo = v4.shape
+    if output_size is None:
+        h = (ho - 1) * s[0] - 2 * p[0] + k[0]
+        w = (wo - 1) * s[1] - 2 * p[1] + k[1]
+    else:
+        if len(output_size) < 2:
+            raise ValueError(f"output_size must end with (H, W), got {tuple(output_size)}")
+        h, w = int(output_size[-2]), int(output_size[-1])
+        expected = (pool_output_size(h, k[0], s[0], p[0]), pool_output_size(w, k[1], s[1], p[1]))
+        if expected != (ho, wo):
+            raise ValueError(f"output_size {(h, w)} is inconsistent with pooled size {(ho, wo)} "
+                             f"for kernel_size={k}, stride={s}, padding={p}")
+    nan = torch.isnan(v4)
+    finite_idx = i4.masked_fill(nan, 0)
+    if bool(((finite_idx < 0) | (finite_idx >= h * w)).any()):
+        raise ValueError(f"indices out of range for an output of size {(h, w)}: "
+                         f"expected values in [0, {h * w})")
+    flat = v4.new_zeros(n, c, h * w + 1)  # the extra slot swallows the NaN windows' writes
+    flat.scatter_(2, i4.masked_fill(nan, h * w).flatten(2), v4.masked_fill(nan, 0).flatten(2))
+    out = flat[..., : h * w].reshape(n, c, h, w)
+    if bool(nan.any()):
+        hp = max(h + 2 * p[0], (ho - 1) * s[0] + k[0])
+        wp = max(w + 2 * p[1], (wo - 1) * s[1] + k[1])
+        spread = torch.zeros(n, c, hp, wp, dtype=torch.bool, device=v4.device)
+        for view in _window_views(spread, k, s, (ho, wo)):
+            view |= nan
+        out = out.masked_fill(spread[..., p[0] : p[0] + h, p[1] : p[1] + w], float("nan"))
+    return out.squeeze(0) if squeeze else out
