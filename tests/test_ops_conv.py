@@ -1,0 +1,165 @@
+"""nan_conv2d: loop oracle, reference vs fast, PyTorch where semantics coincide, edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanprobe.ops import nan_conv2d, nan_conv2d_with_stats
+from nanprobe.ops import conv as conv_mod
+from reference_ops import loop_conv2d_mean
+
+NAN = float("nan")
+
+
+@st.composite
+def conv_cases(draw, max_size=10):
+    k = draw(st.integers(1, 3))
+    s = draw(st.integers(1, 2))
+    d = draw(st.integers(1, 2))
+    p = draw(st.integers(0, 2))
+    span = d * (k - 1) + 1
+    h = draw(st.integers(max(span - 2 * p, 1), max_size))
+    w = draw(st.integers(max(span - 2 * p, 1), max_size))
+    n, c, co = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    kind = draw(st.sampled_from(["none", "blob", "scatter", "all"]))
+    if kind == "blob":  # a NaN rectangle in every channel
+        r0, c0 = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
+        x[..., r0 : r0 + draw(st.integers(1, h)), c0 : c0 + draw(st.integers(1, w))] = NAN
+    elif kind == "scatter":  # single NaN entries in random channels
+        x = x.masked_fill(torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3, NAN)
+    elif kind == "all":
+        x.fill_(NAN)
+    weight = torch.randn(co, c, k, k, generator=g, dtype=torch.float64)
+    bias = torch.randn(co, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    threshold = draw(st.sampled_from([0.0, 0.3, 0.5, 0.75, 1.0]))
+    count_padding = draw(st.booleans())
+    return x, weight, bias, s, p, d, threshold, count_padding
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=tol, atol=tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases(max_size=6))
+def test_reference_matches_loop_oracle(case):
+    x, weight, bias, s, p, d, threshold, count_padding = case
+    ref = nan_conv2d(x, weight, bias, s, p, d, nan_threshold=threshold,
+                     count_padding=count_padding, impl="reference")
+    loop = loop_conv2d_mean(x, weight, bias, s, p, d, threshold, count_padding)
+    _same(ref, loop, 1e-9)
+
+
+@settings(max_examples=120, deadline=None)
+@given(conv_cases(), st.sampled_from(["mean", "noisy_max"]), st.sampled_from(["fast", "auto"]))
+def test_fast_matches_reference(case, fill, impl):
+    x, weight, bias, s, p, d, threshold, count_padding = case
+    kwargs = dict(nan_threshold=threshold, fill=fill, count_padding=count_padding, sigma=0.5)
+    ref = nan_conv2d(x, weight, bias, s, p, d, impl="reference",
+                     generator=torch.Generator().manual_seed(7), **kwargs)
+    fast = nan_conv2d(x, weight, bias, s, p, d, impl=impl,
+                      generator=torch.Generator().manual_seed(7), **kwargs)
+    _same(fast, ref, 1e-9)  # same skip set; noisy_max draws in the same order
+
+
+def test_fast_matches_reference_float32_with_bands(monkeypatch):
+    monkeypatch.setattr(conv_mod, "BAND_ROWS", 4)  # several bands on a small map
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 40, 33, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(33.0), indexing="ij")
+    x = x.masked_fill(((yy - 20) / 15) ** 2 + ((xx - 16) / 11) ** 2 > 1, NAN)
+    x[0, 1, 20, 16] = NAN  # an isolated partial NaN
+    w, b = torch.randn(6, 5, 3, 3, generator=g), torch.randn(6, generator=g)
+    for threshold in (1.0, 0.5):
+        ref, rs = nan_conv2d_with_stats(x, w, b, padding=1, nan_threshold=threshold,
+                                        impl="reference")
+        fast, fs = nan_conv2d_with_stats(x, w, b, padding=1, nan_threshold=threshold, impl="fast")
+        _same(fast, ref, 1e-4)
+        assert (rs.skipped, rs.partial) == (fs.skipped, fs.partial) and fs.skipped > 0
+        assert fs.positions_executed < fs.positions  # the bands left skipped regions out
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast", "auto"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(padding=1), dict(stride=2, padding=2),
+                                    dict(dilation=2, padding=(2, 1)), dict(stride=(2, 1))])
+def test_equals_torch_without_nan(impl, kwargs):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 4, 13, 11, generator=g), torch.randn(5, 4, 3, 3, generator=g), None
+    torch.testing.assert_close(nan_conv2d(x, w, b, impl=impl, **kwargs),
+                               F.conv2d(x, w, b, **kwargs), rtol=1e-5, atol=1e-5)
+
+
+def test_threshold_edges_and_all_nan():
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(3, 2, 3, 3)
+    assert torch.isnan(nan_conv2d(x, w, nan_threshold=0.0)).all()  # r >= 0 always
+    assert torch.isnan(nan_conv2d(torch.full((1, 2, 6, 6), NAN), w, padding=1)).all()
+    x[0, 0, 0, 0] = NAN  # one NaN out of 18 entries: computed at threshold 1, mean-filled
+    y = nan_conv2d(x, w, nan_threshold=1.0)
+    assert not torch.isnan(y).any()
+    window = x[0, :, :3, :3]
+    filled = window.nan_to_num(nan=window.nanmean().item())
+    torch.testing.assert_close(y[0, :, 0, 0], (w * filled).sum((1, 2, 3)))
+
+
+def test_count_padding_reactivates_border_of_nan_background():
+    x = torch.full((1, 1, 8, 8), NAN)
+    x[..., 3:5, 3:5] = 1.0
+    w = torch.ones(1, 1, 3, 3)
+    default = nan_conv2d(x, w, padding=1, nan_threshold=0.7)
+    paper = nan_conv2d(x, w, padding=1, nan_threshold=0.7, count_padding=True)
+    # corner window: 4 in-bounds NaN entries of 4 (r=1) vs 4 NaN of 9 entries (r=0.44)
+    assert torch.isnan(default[0, 0, 0, 0]) and not torch.isnan(paper[0, 0, 0, 0])
+
+
+def test_noisy_max_is_reproducible_and_near_the_max():
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 3.0
+    x[0, 0, 1, 1] = NAN
+    w = torch.zeros(1, 1, 3, 3)
+    w[0, 0, 0, 0] = 1.0  # output = the window's top-left entry
+    run = [nan_conv2d(x, w, fill="noisy_max", sigma=1e-2,
+                      generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(run[0], run[1])
+    assert abs(run[0][0, 0, 1, 1].item() - 3.0) < 0.1  # window at (1,1): max of the rest is 3
+
+
+def test_3d_input_and_float64():
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    x[0, 0, 0] = NAN
+    y = nan_conv2d(x, torch.randn(3, 2, 3, 3, dtype=torch.float64))
+    assert y.shape == (3, 4, 4) and y.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(groups=2), "groups"),
+    (dict(nan_threshold=1.5), "nan_threshold"),
+    (dict(nan_threshold=-0.1), "nan_threshold"),
+    (dict(fill="median"), "fill"),
+    (dict(impl="cuda"), "impl"),
+    (dict(sigma=-1.0), "sigma"),
+    (dict(stride=0), "stride"),
+    (dict(dilation=(1, 0)), "dilation"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nan_conv2d(torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3), **kwargs)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="4-D"):
+        nan_conv2d(torch.randn(6, 6), torch.randn(3, 2, 3, 3))
+    with pytest.raises(ValueError, match="C_in"):
+        nan_conv2d(torch.randn(1, 4, 6, 6), torch.randn(3, 2, 3, 3))
+    with pytest.raises(ValueError, match="bias"):
+        nan_conv2d(torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3), torch.randn(4))
+    with pytest.raises(ValueError, match="too small"):
+        nan_conv2d(torch.randn(1, 2, 2, 2), torch.randn(3, 2, 3, 3))

@@ -1,0 +1,148 @@
+"""nan_max_pool2d / nan_max_unpool2d against loops and against PyTorch where semantics coincide."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanprobe.ops import nan_max_pool2d, nan_max_unpool2d
+from reference_ops import loop_max_pool2d, loop_max_unpool2d
+
+NAN = float("nan")
+
+
+@st.composite
+def pool_cases(draw):
+    k = draw(st.integers(1, 3))
+    s = draw(st.integers(1, 3))
+    p = draw(st.integers(0, k // 2))
+    h = draw(st.integers(max(k - 2 * p, 1), 9))
+    w = draw(st.integers(max(k - 2 * p, 1), 9))
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    # few distinct levels -> many exact and near ties; some NaN
+    levels = draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 1.0 + 1e-8, 1.5, -2.0, NAN]),
+                           min_size=n * c * h * w, max_size=n * c * h * w))
+    x = torch.tensor(levels, dtype=dtype).reshape(n, c, h, w)
+    tie_limit = draw(st.sampled_from([None, 1, 2]))
+    tie_eps = draw(st.sampled_from([0.0, 1e-7, 0.25, 0.6]))
+    tie_rtol = draw(st.sampled_from([0.0, 0.1]))
+    return x, k, s, p, tie_limit, tie_eps, tie_rtol
+
+
+@settings(max_examples=150, deadline=None)
+@given(pool_cases())
+def test_pool_matches_loop_reference(case):
+    x, k, s, p, tie_limit, tie_eps, tie_rtol = case
+    v, i = nan_max_pool2d(x, k, s, p, tie_limit=tie_limit, tie_eps=tie_eps, tie_rtol=tie_rtol)
+    rv, ri = loop_max_pool2d(x, k, s, p, tie_limit, tie_eps, tie_rtol)
+    assert torch.equal(torch.isnan(v), torch.isnan(rv))
+    assert torch.equal(v.nan_to_num(), rv.nan_to_num())
+    assert torch.equal(i, ri)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 1), st.integers(0, 2**31 - 1))
+def test_pool_equals_torch_without_ties_or_nan(k, s, p, seed):
+    p = min(p, k // 2)
+    x = torch.randn(2, 3, 11, 8, generator=torch.Generator().manual_seed(seed))
+    v, i = nan_max_pool2d(x, k, s, p)
+    tv, ti = F.max_pool2d(x, k, s, p, return_indices=True)
+    assert torch.equal(v, tv) and torch.equal(i, ti)
+
+
+def test_exact_tie_is_nan_and_index_zero():
+    x = torch.tensor([[[[1.0, 1.0], [0.0, 0.5]]]])
+    v, i = nan_max_pool2d(x, 2)
+    assert math.isnan(v.item()) and i.item() == 0
+    v, i = nan_max_pool2d(x, 2, tie_limit=2)
+    assert v.item() == 1.0 and i.item() == 0  # first maximum in row-major order
+    v, i = nan_max_pool2d(x, 2, tie_limit=None)
+    assert v.item() == 1.0
+
+
+def test_tie_exactly_at_eps_is_not_a_tie():
+    x = torch.tensor([[[[1.0, 0.75], [0.0, 0.0]]]])
+    assert nan_max_pool2d(x, 2, tie_eps=0.25)[0].item() == 1.0  # |0.75 - 1| == eps: not < eps
+    assert math.isnan(nan_max_pool2d(x, 2, tie_eps=0.2500001)[0].item())
+    assert math.isnan(nan_max_pool2d(x, 2, tie_eps=0.0, tie_rtol=0.26)[0].item())
+
+
+def test_nan_entries_are_ignored_and_all_nan_window_is_nan():
+    x = torch.tensor([[[[NAN, 2.0, NAN, NAN], [1.0, NAN, NAN, NAN]]]])
+    v, i = nan_max_pool2d(x, 2)
+    assert v[0, 0, 0, 0].item() == 2.0 and i[0, 0, 0, 0].item() == 1
+    assert math.isnan(v[0, 0, 0, 1].item()) and i[0, 0, 0, 1].item() == 0
+
+
+def test_all_nan_input_and_3d_input():
+    v, i = nan_max_pool2d(torch.full((3, 4, 4), NAN), 2)
+    assert v.shape == (3, 2, 2) and torch.isnan(v).all() and (i == 0).all()
+    assert nan_max_pool2d(torch.randn(3, 4, 4), 2, return_indices=False).shape == (3, 2, 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kernel_size=0), "kernel_size"),
+    (dict(kernel_size=2, stride=0), "stride"),
+    (dict(kernel_size=2, padding=2), "padding"),
+    (dict(kernel_size=2, tie_limit=0), "tie_limit"),
+    (dict(kernel_size=2, tie_eps=-1.0), "tie_eps"),
+    (dict(kernel_size=2, tie_rtol=float("nan")), "tie_rtol"),
+    (dict(kernel_size=(2, 2, 2)), "kernel_size"),
+])
+def test_pool_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nan_max_pool2d(torch.randn(1, 1, 4, 4), **kwargs)
+
+
+def test_pool_bad_input():
+    with pytest.raises(ValueError, match="4-D"):
+        nan_max_pool2d(torch.randn(4, 4), 2)
+    with pytest.raises(ValueError, match="floating"):
+        nan_max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(pool_cases())
+def test_unpool_matches_loop_reference(case):
+    x, k, s, p, tie_limit, tie_eps, tie_rtol = case
+    v, i = nan_max_pool2d(x, k, s, p, tie_limit=tie_limit, tie_eps=tie_eps, tie_rtol=tie_rtol)
+    out = nan_max_unpool2d(v, i, k, s, p, output_size=x.shape)
+    ref = loop_max_unpool2d(v, i, k, s, p, x.shape[-2], x.shape[-1])
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("k, s, p, size", [(2, 2, 0, (8, 8)), (3, 2, 1, (9, 7)), (2, 1, 0, (5, 6))])
+def test_unpool_equals_torch_for_finite_values(k, s, p, size):
+    x = torch.randn(2, 3, *size)
+    v, i = F.max_pool2d(x, k, s, p, return_indices=True)
+    assert torch.equal(nan_max_unpool2d(v, i, k, s, p, output_size=x.shape),
+                       F.max_unpool2d(v, i, k, s, p, output_size=x.shape))
+    default = F.max_unpool2d(v, i, k, s, p)
+    assert torch.equal(nan_max_unpool2d(v, i, k, s, p), default)
+
+
+def test_unpool_spreads_nan_over_window():
+    x = torch.tensor([[[[1.0, 1.0, 0.0, 3.0], [0.0, 0.0, 2.0, 1.0]]]])
+    v, i = nan_max_pool2d(x, 2)
+    out = nan_max_unpool2d(v, i, 2, output_size=x.shape)
+    assert torch.isnan(out[..., :2]).all()
+    assert out[0, 0, 0, 3].item() == 3.0 and out[0, 0, 1, 2].item() == 0.0
+
+
+def test_unpool_bad_arguments():
+    v, i = nan_max_pool2d(torch.randn(1, 1, 4, 4), 2)
+    with pytest.raises(ValueError, match="indices"):
+        nan_max_unpool2d(v, i.float(), 2)
+    with pytest.raises(ValueError, match="indices"):
+        nan_max_unpool2d(v, i[..., :1], 2)
+    with pytest.raises(ValueError, match="out of range"):
+        nan_max_unpool2d(v, i + 100, 2)
+    with pytest.raises(ValueError, match="output_size"):
+        nan_max_unpool2d(v, i, 2, output_size=(9, 9))
