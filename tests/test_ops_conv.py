@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from nanprobe.ops import nan_conv2d, nan_conv2d_with_stats
-from nanprobe.ops import conv as conv_mod
 from reference_ops import loop_conv2d_mean
+
+from nanprobe.ops import conv as conv_mod
+from nanprobe.ops import nan_conv2d, nan_conv2d_with_stats
 
 NAN = float("nan")
 

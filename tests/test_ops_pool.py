@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_ops import loop_max_pool2d, loop_max_unpool2d
 
 from nanprobe.ops import nan_max_pool2d, nan_max_unpool2d
-from reference_ops import loop_max_pool2d, loop_max_unpool2d
 
 NAN = float("nan")
 
