@@ -1,0 +1,1 @@
+"""Datasets bundled with or read by nanprobe."""
