@@ -30,6 +30,34 @@ def _window_views(
             yield xp[..., rows, dj : dj + s[1] * (wo - 1) + 1 : s[1]]
 
 
+def _tie_count(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    tie_eps: float,
+    tie_rtol: float,
+) -> torch.Tensor:
+    """Per window: entries ``w`` with ``w == m`` or ``m - w < tie_eps + tie_rtol*|m|`` (m = max).
+
+    NaN entries and padding never count (padding is NaN here; NaN compares False).
+    """
+    xp = x if p == (0, 0) else F.pad(x, (p[1], p[1], p[0], p[0]), value=float("nan"))
+    tol = tie_eps + tie_rtol * values.abs() if tie_rtol > 0 else tie_eps
+    count = torch.zeros(values.shape, dtype=torch.uint8 if k[0] * k[1] < 256 else torch.int32,
+                        device=x.device)
+    diff = torch.empty_like(values)
+    hit = torch.empty(values.shape, dtype=torch.bool, device=x.device)
+    for win in _window_views(xp, k, s, tuple(values.shape[-2:])):
+        torch.sub(values, win, out=diff)  # m - w >= 0 for every number w of the window
+        torch.lt(diff, tol, out=hit)
+        if tie_eps == 0.0:  # exact ties (and m itself) must count even with a zero tolerance
+            hit |= win == values
+        count += hit
+    return count
+
+
 def nan_max_pool2d(
     x: torch.Tensor,
     kernel_size: IntPair,
@@ -65,25 +93,18 @@ def nan_max_pool2d(
     if pool_output_size(h, k[0], s[0], p[0]) < 1 or pool_output_size(w, k[1], s[1], p[1]) < 1:
         raise ValueError(f"input of spatial size {(h, w)} is smaller than kernel_size {k}")
 
-    nan = torch.isnan(x4)
-    has_nan = bool(nan.any())
-    clean = x4.masked_fill(nan, float("-inf")) if has_nan else x4
+    # a NaN-free sum proves the input NaN-free (inf - inf only costs the NaN path)
+    has_nan = bool(torch.isnan(x4.sum()))
+    clean = x4.masked_fill(torch.isnan(x4), float("-inf")) if has_nan else x4
     values, indices = F.max_pool2d(clean, k, s, p, return_indices=True)
     bad = None
     if has_nan:
-        bad = F.max_pool2d((~nan).to(x4.dtype), k, s, p) == 0  # window holds no number
+        maybe_empty = values == float("-inf")  # all-NaN windows are among these
+        if bool(maybe_empty.any()):
+            has_number = F.max_pool2d((~torch.isnan(x4)).to(x4.dtype), k, s, p) > 0
+            bad = maybe_empty & ~has_number
     if tie_limit is not None:
-        xp = x4 if p == (0, 0) else F.pad(x4, (p[1], p[1], p[0], p[0]), value=float("nan"))
-        tol = tie_eps + tie_rtol * values.abs() if tie_rtol > 0 else tie_eps
-        count_dtype = torch.uint8 if k[0] * k[1] < 256 else torch.int32
-        count = torch.zeros(values.shape, dtype=count_dtype, device=x4.device)
-        exact_only = tie_eps == 0.0
-        for win in _window_views(xp, k, s, tuple(values.shape[-2:])):
-            hit = (values - win) < tol  # NaN entries compare False; m - w >= 0 for w != NaN
-            if exact_only:
-                hit |= win == values
-            count += hit
-        tie = count > tie_limit
+        tie = _tie_count(x4, values, k, s, p, tie_eps, tie_rtol) > tie_limit
         bad = tie if bad is None else bad | tie
     if bad is not None:
         values = values.masked_fill(bad, float("nan"))
