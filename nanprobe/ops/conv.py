@@ -100,14 +100,31 @@ def _check_conv_args(
     return x4, squeeze, _Geometry(k, s, p, d, (ho, wo))
 
 
-def _skip_masks(
+@dataclass(frozen=True)
+class _NanLayout:
+    """Where the NaNs are, at pixel and window level (counts are exact small integers)."""
+
+    per_pixel: torch.Tensor  # (N, 1, H, W) NaN entries over channels
+    nan_count: torch.Tensor  # (N, Ho, Wo) NaN entries per window
+    entries: torch.Tensor  # (1 or N, Ho, Wo) entries per window that count
+    skip: torch.Tensor  # (N, Ho, Wo) bool
+    partial: torch.Tensor  # (N, Ho, Wo) bool: computed, but the window holds NaN
+    channels: int
+
+    @property
+    def pixel_uniform(self) -> bool:
+        """Every pixel is NaN in all channels or in none (then windows decompose per pixel)."""
+        return bool(((self.per_pixel == 0) | (self.per_pixel == self.channels)).all())
+
+
+def _nan_layout(
     nan: torch.Tensor, g: _Geometry, nan_threshold: float, count_padding: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``skip`` and ``partial`` (N, Ho, Wo) bool masks from the input's NaN mask.
+) -> _NanLayout:
+    """Count NaNs per pixel and per window; ``skip = r >= nan_threshold``.
 
     r = NaN entries / window entries; window entries are the in-bounds ones unless
-    ``count_padding`` (then all C_in*kH*kW). ``skip = r >= nan_threshold``; ``partial`` marks the
-    computed positions whose window holds at least one NaN.
+    ``count_padding`` (then all C_in*kH*kW). ``partial`` marks the computed positions whose
+    window holds at least one NaN.
     """
     n, c, h, w = nan.shape
     dtype = torch.float64 if c * g.k[0] * g.k[1] >= 1 << 24 else torch.float32
@@ -115,7 +132,7 @@ def _skip_masks(
     # a uint8 channel sum is much faster than a bool -> float one; exact while C < 256
     count_dtype = torch.uint8 if c < 256 else torch.int32
     per_pixel = nan.view(torch.uint8).sum(1, keepdim=True, dtype=count_dtype).to(dtype)
-    nan_count = F.conv2d(per_pixel, ones_k, None, g.s, g.p, g.d)[:, 0]  # exact small integers
+    nan_count = F.conv2d(per_pixel, ones_k, None, g.s, g.p, g.d)[:, 0]
     if count_padding:
         entries = torch.full((1, 1, 1), c * g.k[0] * g.k[1], dtype=dtype, device=nan.device)
     else:
@@ -123,7 +140,7 @@ def _skip_masks(
         entries = F.conv2d(inside, ones_k, None, g.s, g.p, g.d)[:, 0] * c
     ratio = nan_count.double() / entries.double().clamp_min(1.0)
     skip = ratio >= nan_threshold
-    return skip, (nan_count > 0) & ~skip
+    return _NanLayout(per_pixel, nan_count, entries, skip, (nan_count > 0) & ~skip, c)
 
 
 def _fill_columns(
@@ -227,15 +244,15 @@ def _fast(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     g: _Geometry,
-    skip: torch.Tensor,
-    partial: torch.Tensor,
+    layout: _NanLayout,
     fill: str,
     sigma: float,
     generator: torch.Generator | None,
     count_padding: bool,
     banded: bool | None,
 ) -> tuple[torch.Tensor, int]:
-    """Banded dense conv + exact recomputation of partial windows. ``banded=None``: decide."""
+    """Banded dense conv + exact handling of partial windows. ``banded=None``: decide."""
+    skip = layout.skip
     n = x.shape[0]
     cout = weight.shape[0]
     ho, wo = g.out_hw
@@ -254,11 +271,48 @@ def _fast(
             crop = _dense_crop(x, g, (r0, r1), (c0, c1))
             y[..., r0 : r1 + 1, c0 : c1 + 1] = F.conv2d(crop, weight, bias, g.s, 0, g.d)
 
-    where = partial.nonzero(as_tuple=True)  # row-major, as in the reference
+    where = layout.partial.nonzero(as_tuple=True)  # row-major, as in the reference
     if where[0].numel():
-        _recompute_partial(x, weight, bias, g, y, where, fill, sigma, generator, count_padding)
+        if fill == "mean" and layout.pixel_uniform:
+            _add_mean_fill(x, weight, g, y, where, layout)
+        else:
+            _recompute_partial(x, weight, bias, g, y, where, fill, sigma, generator,
+                               count_padding)
     y.masked_fill_(skip.unsqueeze(1), float("nan"))
     return y, band_area * n
+
+
+def _add_mean_fill(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    g: _Geometry,
+    y: torch.Tensor,
+    where: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    layout: _NanLayout,
+) -> None:
+    """Add the mean fill's contribution at partial positions when NaNs span whole pixels.
+
+    ``y`` already holds conv(x with NaN -> 0) + bias there, so by linearity only
+    mu * sum over NaN pixels of sum_c W[:, c, tap] is missing, with mu = window sum / number of
+    non-NaN entries. Both need one value per pixel and tap: (P, kH*kW) work instead of
+    (P, C_in*kH*kW).
+    """
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
+    pn, pr, pc = where
+    pad = (pw, pw, ph, ph)
+    nan_pixel = layout.per_pixel > 0
+    pixel_sum = F.pad(x.sum(1, keepdim=True).masked_fill_(nan_pixel, 0), pad)
+    nan_pixel = F.pad(nan_pixel.to(x.dtype), pad)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    rel = ((torch.arange(kh, device=x.device) * dh)[:, None] * wp
+           + torch.arange(kw, device=x.device) * dw).reshape(-1)  # (kH*kW,)
+    index = (pn * (hp * wp) + pr * sh * wp + pc * sw)[:, None] + rel
+    window_sum = pixel_sum.reshape(-1)[index].sum(1)
+    entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
+    mean = window_sum / (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+    tap_weight = weight.sum(1).reshape(weight.shape[0], -1).T  # (kH*kW, C_out)
+    y[pn, :, pr, pc] += (nan_pixel.reshape(-1)[index] @ tap_weight) * mean[:, None]
 
 
 def _recompute_partial(
@@ -355,8 +409,9 @@ def nan_conv2d_with_stats(
             y = F.conv2d(x4, weight, bias, g.s, g.p, g.d)
             stats = ConvSkipStats(positions, 0, 0, macs_per_position, positions)
             return (y.squeeze(0) if squeeze else y), stats
-        skip, partial = _skip_masks(torch.isnan(x4), g, nan_threshold, count_padding)
-        y, executed = _fast(x4, weight, bias, g, skip, partial, fill, sigma, generator,
+        layout = _nan_layout(torch.isnan(x4), g, nan_threshold, count_padding)
+        skip, partial = layout.skip, layout.partial
+        y, executed = _fast(x4, weight, bias, g, layout, fill, sigma, generator,
                             count_padding, banded=True if impl == "fast" else None)
     stats = ConvSkipStats(positions, int(skip.sum()), int(partial.sum()), macs_per_position,
                           executed)
