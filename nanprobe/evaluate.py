@@ -1,0 +1,75 @@
+"""Compare a nanified model with the plain one: labels, Dice, skipped work and wall-clock."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def labels_from_logits(logits: torch.Tensor, nan_label: int = 0) -> torch.Tensor:
+    """Argmax over dim 1 ignoring NaN; positions where every class is NaN get ``nan_label``.
+
+    ``logits``: (N, K, ...) -> (N, ...) int64. A skipped position of a NaN convolution is NaN in
+    all classes; for the segmentation models here that is the background (class 0).
+    """
+    all_nan = torch.isnan(logits).all(1)
+    labels = logits.nan_to_num(nan=float("-inf")).argmax(1)
+    return labels.masked_fill(all_nan, nan_label)
+
+
+def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int) -> list[float]:
+    """Dice ``2|P∩T| / (|P|+|T|)`` per class ``0..num_classes-1`` (NaN where absent from both)."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    scores = []
+    for c in range(num_classes):
+        p, t = pred == c, target == c
+        total = int(p.sum()) + int(t.sum())
+        scores.append(2.0 * int((p & t).sum()) / total if total else float("nan"))
+    return scores
+
+
+def mean_foreground_dice(scores: Sequence[float]) -> float:
+    """Mean of per-class Dice scores over the classes except background (class 0)."""
+    return float(np.nanmean(np.asarray(scores[1:], dtype=float)))
+
+
+def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function over ``repeats`` interleaved rounds (after a warm-up)."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def skip_table(stats: dict[str, dict[str, Any]], key: str = "total") -> list[dict[str, Any]]:
+    """Rows per NaN conv layer: positions, skipped fraction, MACs skipped fraction.
+
+    ``stats`` is :func:`nanprobe.ops.skip_stats` output; the last row (``layer="all convs"``)
+    sums every conv layer.
+    """
+    rows = []
+    total = {"positions": 0, "skipped": 0, "macs": 0, "macs_skipped": 0}
+    for name, entry in stats.items():
+        counts = entry[key]
+        if entry["kind"] != "conv" or not counts:
+            continue
+        rows.append({"layer": name, "positions": counts["positions"],
+                     "skipped": counts["skipped"] / counts["positions"],
+                     "macs_skipped": counts["macs_skipped"] / max(counts["macs"], 1)})
+        for k in total:
+            total[k] += counts[k]
+    if rows:
+        rows.append({"layer": "all convs", "positions": total["positions"],
+                     "skipped": total["skipped"] / total["positions"],
+                     "macs_skipped": total["macs_skipped"] / max(total["macs"], 1)})
+    return rows
