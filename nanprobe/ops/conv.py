@@ -31,6 +31,8 @@ BAND_ROWS = 16
 AUTO_MAX_BAND_FRACTION = 0.85
 #: ``auto`` never bands maps with fewer output positions than this (call overhead dominates)
 AUTO_MIN_POSITIONS = 48 * 48
+#: mean fill: above this fraction of partial positions, convolve the NaN mask instead of gathering
+MASK_CONV_FRACTION = 0.1
 #: gathered window entries per chunk when recomputing partially-NaN windows
 GATHER_CHUNK = 1 << 22
 
@@ -244,6 +246,7 @@ def _fast(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     g: _Geometry,
+    nan: torch.Tensor,
     layout: _NanLayout,
     fill: str,
     sigma: float,
@@ -273,8 +276,8 @@ def _fast(
 
     where = layout.partial.nonzero(as_tuple=True)  # row-major, as in the reference
     if where[0].numel():
-        if fill == "mean" and layout.pixel_uniform:
-            _add_mean_fill(x, weight, g, y, where, layout)
+        if fill == "mean":
+            _add_mean_fill(x, nan, weight, g, y, where, layout)
         else:
             _recompute_partial(x, weight, bias, g, y, where, fill, sigma, generator,
                                count_padding)
@@ -282,37 +285,55 @@ def _fast(
     return y, band_area * n
 
 
+def _taps(
+    g: _Geometry, where: tuple[torch.Tensor, ...], hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input rows, cols (clamped) and in-bounds mask (P, kH*kW) of each partial window's taps."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
+    _, pr, pc = where
+    dev = pr.device
+    tap_r = (torch.arange(kh, device=dev) * dh).repeat_interleave(kw)
+    tap_c = (torch.arange(kw, device=dev) * dw).repeat(kh)
+    rows = (pr * sh - ph)[:, None] + tap_r
+    cols = (pc * sw - pw)[:, None] + tap_c
+    inside = (rows >= 0) & (rows < hw[0]) & (cols >= 0) & (cols < hw[1])
+    return rows.clamp(0, hw[0] - 1), cols.clamp(0, hw[1] - 1), inside
+
+
 def _add_mean_fill(
     x: torch.Tensor,
+    nan: torch.Tensor,
     weight: torch.Tensor,
     g: _Geometry,
     y: torch.Tensor,
     where: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     layout: _NanLayout,
 ) -> None:
-    """Add the mean fill's contribution at partial positions when NaNs span whole pixels.
+    """Add the mean fill's contribution at partial positions, by linearity.
 
-    ``y`` already holds conv(x with NaN -> 0) + bias there, so by linearity only
-    mu * sum over NaN pixels of sum_c W[:, c, tap] is missing, with mu = window sum / number of
-    non-NaN entries. Both need one value per pixel and tap: (P, kH*kW) work instead of
-    (P, C_in*kH*kW).
+    ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * sum of the weights at
+    the window's NaN entries is missing; mu = (sum of the window's numbers) / their count. The
+    sum comes from per-pixel channel sums (P x kH*kW gathers); the weight sum needs the NaN
+    mask per tap, per pixel when NaNs span whole pixels, else per channel (P x kH*kW x C_in).
     """
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
     pn, pr, pc = where
-    pad = (pw, pw, ph, ph)
-    nan_pixel = layout.per_pixel > 0
-    pixel_sum = F.pad(x.sum(1, keepdim=True).masked_fill_(nan_pixel, 0), pad)
-    nan_pixel = F.pad(nan_pixel.to(x.dtype), pad)
-    hp, wp = h + 2 * ph, w + 2 * pw
-    rel = ((torch.arange(kh, device=x.device) * dh)[:, None] * wp
-           + torch.arange(kw, device=x.device) * dw).reshape(-1)  # (kH*kW,)
-    index = (pn * (hp * wp) + pr * sh * wp + pc * sw)[:, None] + rel
-    window_sum = pixel_sum.reshape(-1)[index].sum(1)
+    cout = weight.shape[0]
+    rows, cols, inside = _taps(g, where, x.shape[-2:])
+    pixel_sum = torch.nansum(x, 1)[pn[:, None], rows, cols].masked_fill_(~inside, 0)
     entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
-    mean = window_sum / (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
-    tap_weight = weight.sum(1).reshape(weight.shape[0], -1).T  # (kH*kW, C_out)
-    y[pn, :, pr, pc] += (nan_pixel.reshape(-1)[index] @ tap_weight) * mean[:, None]
+    mean = pixel_sum.sum(1) / (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+    if layout.pixel_uniform:
+        nan_taps = (layout.per_pixel[:, 0] > 0)[pn[:, None], rows, cols] & inside  # (P, T)
+        tap_weight = weight.sum(1).reshape(cout, -1).T  # (T, C_out)
+    elif len(pn) > MASK_CONV_FRACTION * layout.nan_count.numel():
+        # many partial windows: one dense conv of the NaN mask beats gathering them
+        nan_sum = F.conv2d(nan.to(x.dtype), weight, None, g.s, g.p, g.d)
+        y[pn, :, pr, pc] += nan_sum[pn, :, pr, pc] * mean[:, None]
+        return
+    else:
+        nan_taps = (nan[pn[:, None], :, rows, cols] & inside[..., None]).flatten(1)  # (P, T*C)
+        tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out)
+    y[pn, :, pr, pc] += (nan_taps.to(x.dtype) @ tap_weight) * mean[:, None]
 
 
 def _recompute_partial(
@@ -329,44 +350,27 @@ def _recompute_partial(
 ) -> None:
     """Overwrite ``y`` at the partially-NaN positions with their exactly filled dot products.
 
-    Window columns (P, K), K in the weight's (c, kh, kw) order, are gathered with one flat index
-    per entry; positions whose window leaves the input read from a zero-padded copy instead.
+    Window columns are gathered tap-major (P, kH*kW, C_in) and matched with the weight in that
+    order; the noise is drawn in the reference's (c, kh, kw) order and transposed.
     """
-    n, c, h, w = x.shape
+    c = x.shape[1]
     cout = weight.shape[0]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
     pn, pr, pc = where
-    dev = x.device
-    top, left = pr * sh - ph, pc * sw - pw
-    border = bool(((top < 0) | (top + dh * (kh - 1) >= h) | (left < 0)
-                   | (left + dw * (kw - 1) >= w)).any())
-    if border:  # rare: gather from a zero-padded copy and mark the padding entries
-        src = F.pad(x, (pw, pw, ph, ph))
-        top, left = top + ph, left + pw
-        hs, ws = h + 2 * ph, w + 2 * pw
-        tap_r = torch.arange(kh, device=dev) * dh
-        tap_c = torch.arange(kw, device=dev) * dw
-        row_in = ((pr * sh)[:, None] + tap_r >= ph) & ((pr * sh)[:, None] + tap_r < ph + h)
-        col_in = ((pc * sw)[:, None] + tap_c >= pw) & ((pc * sw)[:, None] + tap_c < pw + w)
-        inside = (row_in[:, None, :, None] & col_in[:, None, None, :]).expand(-1, c, -1, -1)
-        inside = inside.reshape(len(pn), -1)
-    else:
-        src, hs, ws, inside = x, h, w, None
-    rel = (torch.arange(c, device=dev)[:, None, None] * (hs * ws)
-           + (torch.arange(kh, device=dev) * dh)[None, :, None] * ws
-           + (torch.arange(kw, device=dev) * dw)[None, None, :]).reshape(-1)  # (K,)
-    base = pn * (c * hs * ws) + top * ws + left  # (P,)
-    flat = src.reshape(-1)
-    wmat = weight.reshape(cout, -1).T
-    noise = _noise(len(pn), rel.numel(), x, fill, generator)
-    step = max(1, GATHER_CHUNK // rel.numel())
+    rows, cols, inside = _taps(g, where, x.shape[-2:])
+    taps = rows.shape[1]
+    wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out)
+    noise = _noise(len(pn), c * taps, x, fill, generator)
+    step = max(1, GATHER_CHUNK // (c * taps))
     for lo in range(0, len(pn), step):
         sl = slice(lo, lo + step)
-        cols = flat[base[sl, None] + rel]
-        data = ~torch.isnan(cols)
-        if inside is not None and not count_padding:
-            data &= inside[sl]
-        filled = _fill_columns(cols, data, fill, sigma, None if noise is None else noise[sl])
+        ins = inside[sl, :, None].expand(-1, -1, c)
+        window = x[pn[sl, None], :, rows[sl], cols[sl]].masked_fill_(~ins, 0)  # (p, T, C)
+        data = ~torch.isnan(window)
+        if not count_padding:
+            data &= ins
+        chunk_noise = None if noise is None else noise[sl].view(-1, c, taps).transpose(1, 2)
+        filled = _fill_columns(window.flatten(1), data.flatten(1), fill, sigma,
+                               None if chunk_noise is None else chunk_noise.flatten(1))
         out = filled @ wmat
         if bias is not None:
             out += bias
@@ -409,9 +413,10 @@ def nan_conv2d_with_stats(
             y = F.conv2d(x4, weight, bias, g.s, g.p, g.d)
             stats = ConvSkipStats(positions, 0, 0, macs_per_position, positions)
             return (y.squeeze(0) if squeeze else y), stats
-        layout = _nan_layout(torch.isnan(x4), g, nan_threshold, count_padding)
+        nan = torch.isnan(x4)
+        layout = _nan_layout(nan, g, nan_threshold, count_padding)
         skip, partial = layout.skip, layout.partial
-        y, executed = _fast(x4, weight, bias, g, layout, fill, sigma, generator,
+        y, executed = _fast(x4, weight, bias, g, nan, layout, fill, sigma, generator,
                             count_padding, banded=True if impl == "fast" else None)
     stats = ConvSkipStats(positions, int(skip.sum()), int(partial.sum()), macs_per_position,
                           executed)
