@@ -1,0 +1,164 @@
+"""The ``nanprobe`` command line: parses options and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from . import __version__
+
+app = typer.Typer(
+    name="nanprobe",
+    help="Find numerical noise inside convolutional networks and turn it into speed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+#: errors that are the user's to fix: shown as one line, exit code 2
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, KeyError,
+               RuntimeError)
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn user errors raised by the library into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nanprobe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """nanprobe: measure where a CNN computes on noise (MCA), and skip that work (NaN ops)."""
+
+
+@app.command()
+@friendly_errors
+def demo(
+    slices: Annotated[int, typer.Option(min=1, max=64,
+                                        help="Coronal slices through the brain's centre.")] = 8,
+    nan_threshold: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Skip a conv output when at least this fraction of its window "
+        "is NaN.")] = 1.0,
+    tie_eps: Annotated[float, typer.Option(
+        min=0.0, help="Pooling entries closer than this to the window max count as ties.")] = 1e-7,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repetitions (interleaved).")] = 3,
+    out: Annotated[Path | None, typer.Option(
+        help="Write the results (JSON with provenance) to this file.")] = None,
+) -> None:
+    """Run the bundled default U-Net on the bundled brain, plain and nanified.
+
+    Prints per-layer skip ratios, the label agreement with the plain model and the measured
+    speed-up; the best available demo of the main job until `nanprobe analyze` lands.
+    """
+    from .demo import run_demo
+
+    run_demo(slices=slices, nan_threshold=nan_threshold, tie_eps=tie_eps, repeats=repeats,
+             out=out, console=Console())
+
+
+@app.command("mca-run")
+@friendly_errors
+def mca_run_cmd(
+    model: Annotated[str, typer.Argument(
+        help="Model: default | mnist | fastsurfer-vinn | fastsurfer-cnn | package.module:factory."
+    )] = "default",
+    input: Annotated[str, typer.Argument(
+        help="Input: default (the bundled brain, or MNIST digits for mnist), a NIfTI/MGZ volume "
+        "or an .npy array (S, C, H, W).")] = "default",
+    samples: Annotated[int, typer.Option(min=1, help="Number of perturbed samples N.")] = 10,
+    out: Annotated[Path, typer.Option(help="Run directory (created; rerun to resume).")] = Path(
+        "nanprobe-run"),
+    backend: Annotated[str, typer.Option(
+        help="inprocess (embedded MCA, default) or verrou (Valgrind/Verrou, one process per "
+        "sample).")] = "inprocess",
+    mode: Annotated[str, typer.Option(
+        help="In-process rounding: rr (random rounding, like Verrou random), sr (stochastic, "
+        "like Verrou nearness) or mca (virtual precision).")] = "rr",
+    precision: Annotated[int, typer.Option(
+        min=1, max=52, help="Virtual precision t in bits for --mode mca.")] = 24,
+    rounding_mode: Annotated[str, typer.Option(
+        help="Verrou rounding mode of the samples (random; random_det only to replay a sample: "
+        "it hides exact ties).")] = "random",
+    layers: Annotated[list[str] | None, typer.Option(
+        "--layers", help="Glob pattern of module names to capture (repeatable; default: every "
+        "conv, pool, unpool and top-level block).")] = None,
+    slices: Annotated[str | None, typer.Option(
+        help="Slices (MRI) or samples (arrays) to run: START:STOP[:STEP], I,J,K or I.")] = None,
+    view: Annotated[str | None, typer.Option(help="MRI view: axial, coronal or sagittal.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Weights file (FastSurfer .pkl, or a state_dict for default/mnist).")] = None,
+    trust: Annotated[bool, typer.Option(
+        help="Allow full unpickling of a checkpoint that needs it (runs code from the file).")
+    ] = False,
+    nanify: Annotated[Path | None, typer.Option(
+        help="thresholds.json: run the nanified model (NaN ops) instead of the plain one.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Run seed; each sample derives its own.")] = 0,
+    jobs: Annotated[int, typer.Option(min=1, help="Samples computed in parallel processes.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per forward pass.")] = 4,
+    max_gb: Annotated[float, typer.Option(
+        help="Refuse runs whose capture files would exceed this many GB.")] = 4.0,
+    valgrind: Annotated[str | None, typer.Option(
+        help="Verrou-enabled valgrind (default: $NANPROBE_VALGRIND, then PATH).")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Seconds before a Verrou worker is killed (it is retried once).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace a run with a different spec in --out.")] = False,
+) -> None:
+    """Run MODEL on INPUT N times under Monte Carlo Arithmetic, capturing every layer to HDF5.
+
+    Writes OUT/reference.h5 (unperturbed), OUT/samples/sample-XXXX.h5 and OUT/run.json.
+    Rerunning the same command resumes where it stopped.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .run import RunSpec, mca_run
+
+    backend_opts: dict = {"name": backend, "rounding_mode": rounding_mode}
+    if backend == "inprocess":
+        backend_opts = {"name": "inprocess", "mode": mode, "precision": precision}
+    spec = RunSpec(model=model, input=input, samples=samples, seed=seed, backend=backend_opts,
+                   checkpoint=str(checkpoint) if checkpoint else None, view=view, slices=slices,
+                   layers=list(layers) if layers else None,
+                   nanify=str(nanify) if nanify else None, trust=trust, batch_size=batch_size)
+    with Progress(TextColumn("[bold]mca-run"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} files"), TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task("mca-run", total=samples + 1)
+        result = mca_run(spec, out, jobs=jobs, overwrite=overwrite, max_gb=max_gb,
+                         valgrind=valgrind, timeout=timeout,
+                         on_progress=lambda done, total: bar.update(task, completed=done))
+    typer.echo(f"run complete: {result.path} ({len(result.sample_paths)} samples + reference)")
+
+
+def run() -> None:  # pragma: no cover - console script entry for `python -m nanprobe`
+    app(prog_name="nanprobe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())
