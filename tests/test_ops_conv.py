@@ -165,12 +165,13 @@ def test_bad_shapes():
         nan_conv2d(torch.randn(1, 2, 2, 2), torch.randn(3, 2, 3, 3))
 
 
-@pytest.mark.parametrize("fraction", [0.0, 2.0])  # mask conv always / never
-def test_mean_fill_paths_for_channel_wise_nan(monkeypatch, fraction):
-    monkeypatch.setattr(conv_mod, "MASK_CONV_FRACTION", fraction)
+@pytest.mark.parametrize("rate", [0.001, 0.2])  # few partial windows (gather) / many (mask conv)
+@pytest.mark.parametrize("whole_pixels", [False, True])
+def test_mean_fill_paths(rate, whole_pixels):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 4, 12, 10, generator=g, dtype=torch.float64)
-    x = x.masked_fill(torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.2, NAN)
+    x = torch.randn(2, 4, 40, 30, generator=g, dtype=torch.float64)
+    shape = (2, 1, 40, 30) if whole_pixels else x.shape
+    x = x.masked_fill(torch.rand(shape, generator=g, dtype=torch.float64) < rate, NAN)
     w = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
     for threshold in (1.0, 0.3):
         ref = nan_conv2d(x, w, padding=1, nan_threshold=threshold, impl="reference")

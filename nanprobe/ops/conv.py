@@ -31,8 +31,6 @@ BAND_ROWS = 16
 AUTO_MAX_BAND_FRACTION = 0.85
 #: ``auto`` never bands maps with fewer output positions than this (call overhead dominates)
 AUTO_MIN_POSITIONS = 48 * 48
-#: mean fill: above this fraction of partial positions, convolve the NaN mask instead of gathering
-MASK_CONV_FRACTION = 0.1
 #: gathered window entries per chunk when recomputing partially-NaN windows
 GATHER_CHUNK = 1 << 22
 
@@ -311,29 +309,31 @@ def _add_mean_fill(
 ) -> None:
     """Add the mean fill's contribution at partial positions, by linearity.
 
-    ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * sum of the weights at
-    the window's NaN entries is missing; mu = (sum of the window's numbers) / their count. The
-    sum comes from per-pixel channel sums (P x kH*kW gathers); the weight sum needs the NaN
-    mask per tap, per pixel when NaNs span whole pixels, else per channel (P x kH*kW x C_in).
+    ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * (sum of the weights at
+    the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count.
+    Few partial windows: gather them (P, kH*kW, C_in). Many: per-pixel channel sums plus either
+    per-pixel NaN taps (NaNs spanning whole pixels) or one dense conv of the NaN mask.
     """
     pn, pr, pc = where
     cout = weight.shape[0]
     rows, cols, inside = _taps(g, where, x.shape[-2:])
-    pixel_sum = torch.nansum(x, 1)[pn[:, None], rows, cols].masked_fill_(~inside, 0)
     entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
-    mean = pixel_sum.sum(1) / (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+    count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+    tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out), tap-major
+    if len(pn) * rows.shape[1] * x.shape[1] <= x.numel() // 2:
+        window = x[pn[:, None], :, rows, cols]  # (P, T, C)
+        nan_taps = torch.isnan(window) & inside[..., None]
+        mean = window.masked_fill(nan_taps | ~inside[..., None], 0).sum((1, 2)) / count
+        y[pn, :, pr, pc] += (nan_taps.flatten(1).to(x.dtype) @ tap_weight) * mean[:, None]
+        return
+    pixel_sum = torch.nansum(x, 1)[pn[:, None], rows, cols].masked_fill_(~inside, 0)
+    mean = pixel_sum.sum(1) / count
     if layout.pixel_uniform:
         nan_taps = (layout.per_pixel[:, 0] > 0)[pn[:, None], rows, cols] & inside  # (P, T)
-        tap_weight = weight.sum(1).reshape(cout, -1).T  # (T, C_out)
-    elif len(pn) > MASK_CONV_FRACTION * layout.nan_count.numel():
-        # many partial windows: one dense conv of the NaN mask beats gathering them
-        nan_sum = F.conv2d(nan.to(x.dtype), weight, None, g.s, g.p, g.d)
-        y[pn, :, pr, pc] += nan_sum[pn, :, pr, pc] * mean[:, None]
-        return
-    else:
-        nan_taps = (nan[pn[:, None], :, rows, cols] & inside[..., None]).flatten(1)  # (P, T*C)
-        tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out)
-    y[pn, :, pr, pc] += (nan_taps.to(x.dtype) @ tap_weight) * mean[:, None]
+        nan_sum = nan_taps.to(x.dtype) @ weight.sum(1).reshape(cout, -1).T
+    else:  # one dense conv of the NaN mask beats gathering this many windows
+        nan_sum = F.conv2d(nan.to(x.dtype), weight, None, g.s, g.p, g.d)[pn, :, pr, pc]
+    y[pn, :, pr, pc] += nan_sum * mean[:, None]
 
 
 def _recompute_partial(
