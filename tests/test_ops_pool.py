@@ -26,7 +26,8 @@ def pool_cases(draw):
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     # few distinct levels -> many exact and near ties; some NaN
-    levels = draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 1.0 + 1e-8, 1.5, -2.0, NAN]),
+    levels = draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 1.0 + 1e-8, 1.5, -2.0, NAN, NAN,
+                                            -math.inf, math.inf]),
                            min_size=n * c * h * w, max_size=n * c * h * w))
     x = torch.tensor(levels, dtype=dtype).reshape(n, c, h, w)
     tie_limit = draw(st.sampled_from([None, 1, 2]))

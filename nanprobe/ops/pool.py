@@ -41,7 +41,8 @@ def _tie_count(
 ) -> torch.Tensor:
     """Per window: entries ``w`` with ``w == m`` or ``m - w < tie_eps + tie_rtol*|m|`` (m = max).
 
-    NaN entries and padding never count (padding is NaN here; NaN compares False).
+    NaN entries and padding never count (padding is NaN here; NaN compares False), so a window
+    without numbers counts 0 and every other window at least 1 (its maximum).
     """
     xp = x if p == (0, 0) else F.pad(x, (p[1], p[1], p[0], p[0]), value=float("nan"))
     tol = tie_eps + tie_rtol * values.abs() if tie_rtol > 0 else tie_eps
@@ -49,13 +50,39 @@ def _tie_count(
                         device=x.device)
     diff = torch.empty_like(values)
     hit = torch.empty(values.shape, dtype=torch.bool, device=x.device)
+    # m - w < tol misses w == m only for a zero tolerance or an infinite m (inf - inf is NaN)
+    check_equal = tie_eps == 0.0 or bool(torch.isinf(values).any())
     for win in _window_views(xp, k, s, tuple(values.shape[-2:])):
         torch.sub(values, win, out=diff)  # m - w >= 0 for every number w of the window
         torch.lt(diff, tol, out=hit)
-        if tie_eps == 0.0:  # exact ties (and m itself) must count even with a zero tolerance
+        if check_equal:
             hit |= win == values
         count += hit
     return count
+
+
+def _first_neg_inf_index(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+) -> torch.Tensor:
+    """Where the max is -inf, the index of the first -inf number (not of a NaN turned -inf)."""
+    h, w = x.shape[-2:]
+    ho, wo = values.shape[-2:]
+    xp = x if p == (0, 0) else F.pad(x, (p[1], p[1], p[0], p[0]), value=float("nan"))
+    rows = torch.arange(ho, device=x.device)[:, None] * s[0] - p[0]
+    cols = torch.arange(wo, device=x.device) * s[1] - p[1]
+    todo = values == float("-inf")
+    out = indices.clone()
+    offsets = ((di, dj) for di in range(k[0]) for dj in range(k[1]))
+    for (di, dj), win in zip(offsets, _window_views(xp, k, s, (ho, wo)), strict=True):
+        found = todo & (win == float("-inf"))
+        out = torch.where(found, (rows + di) * w + (cols + dj), out)
+        todo &= ~found
+    return out
 
 
 def nan_max_pool2d(
@@ -95,17 +122,21 @@ def nan_max_pool2d(
 
     # a NaN-free sum proves the input NaN-free (inf - inf only costs the NaN path)
     has_nan = bool(torch.isnan(x4.sum()))
-    clean = x4.masked_fill(torch.isnan(x4), float("-inf")) if has_nan else x4
+    inf = float("inf")
+    clean = torch.nan_to_num(x4, nan=-inf, posinf=inf, neginf=-inf) if has_nan else x4
     values, indices = F.max_pool2d(clean, k, s, p, return_indices=True)
     bad = None
-    if has_nan:
-        maybe_empty = values == float("-inf")  # all-NaN windows are among these
-        if bool(maybe_empty.any()):
-            has_number = F.max_pool2d((~torch.isnan(x4)).to(x4.dtype), k, s, p) > 0
-            bad = maybe_empty & ~has_number
     if tie_limit is not None:
-        tie = _tie_count(x4, values, k, s, p, tie_eps, tie_rtol) > tie_limit
-        bad = tie if bad is None else bad | tie
+        count = _tie_count(x4, values, k, s, p, tie_eps, tie_rtol)
+        bad = count > tie_limit
+        if has_nan:
+            bad |= count == 0  # no number in the window
+    elif has_nan:
+        maybe_empty = values == -inf  # windows without numbers are among these
+        if bool(maybe_empty.any()):
+            bad = maybe_empty & (F.max_pool2d((~torch.isnan(x4)).to(x4.dtype), k, s, p) == 0)
+    if has_nan and bool((values == -inf).any()):
+        indices = _first_neg_inf_index(x4, values, indices, k, s, p)
     if bad is not None:
         values = values.masked_fill(bad, float("nan"))
         indices = indices.masked_fill(bad, 0)
