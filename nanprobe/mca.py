@@ -1,0 +1,545 @@
+"""In-process Monte Carlo Arithmetic: random rounding of every aten op result, Verrou-style.
+
+``with mca_mode("rr", seed=s): model(x)`` runs a forward whose floating-point op results are
+randomly rounded: the fast embedded stand-in for Verrou (a Valgrind tool, 500-900x slower). It is
+a :class:`~torch.utils._python_dispatch.TorchDispatchMode`, so it sees every aten op below
+autograd, whatever the model's Python code looks like.
+
+How one op is perturbed (float32, float16 and bfloat16 results):
+
+1. The op is recomputed in float64 from its inputs, cast up exactly (Python float scalars and
+   higher-precision inputs are first rounded to the working dtype, as the op itself sees them).
+   The working-precision result is not computed at all. 2-D stride-1 convolutions on CPU use a
+   GEMM-per-kernel-tap float64 convolution (PyTorch's own float64 CPU one is ~15x slower than
+   float32).
+2. Per element, the float64 result ``y`` is **exact** when it is representable in the working
+   dtype, and is then returned as it is. Verrou never rounds an exact operation either, and that
+   decides where pooling ties survive: a convolution of an exactly-zero background plus bias is
+   exact, so its max-pool windows stay tied in every sample.
+3. An inexact ``y`` is rounded to one of its two neighbours in the working dtype:
+
+   - ``"rr"`` (default): each with probability 1/2, like Verrou ``--rounding-mode=random``;
+   - ``"sr"``: stochastic rounding, the farther neighbour with probability
+     ``|y - nearest| / ulp``, like Verrou ``nearness`` (unbiased: the expected result is ``y``);
+   - ``"mca"``: verificarlo's random-rounding noise at virtual precision ``t`` (``precision``),
+     ``round_to_nearest(y + 2**(floor(log2|y|) + 1 - t) * xi)`` with ``xi ~ U(-1/2, 1/2)``,
+     computed in float64; ``t = 24`` is about one float32 ulp, smaller ``t`` is larger noise
+     (use ``t <= 11`` for float16, ``t <= 8`` for bfloat16, or the noise rounds away).
+
+   Edge cases: results that overflow the working dtype stay ``±inf``; NaN stays NaN; inexact
+   results whose residual ``y - nearest`` underflows float32 (``|y|`` below about 1e-29) are
+   rounded to nearest.
+
+Ops whose results are selections or copies of their inputs (views, max / max pooling, max
+unpooling, relu / clamp, ``maximum``, ``cat``, indexing, ``where``, padding, nearest upsampling,
+comparisons, ...) are exact by nature and run natively, without the float64 recompute; so do ops
+without floating-point tensor inputs (factories, integer ops) and random ops (``rand``, dropout).
+Integer and bool results (pooling indices, masks) are never perturbed. Conversions to a lower
+precision (``.float()`` of a float64 tensor, ``copy_`` into one) are randomly rounded like any op.
+In-place and ``out=`` ops are recomputed on float64 copies, rounded and written back into the
+original tensors, so aliasing is kept. An op whose float64 recompute fails (but which runs
+natively) passes through unperturbed, with a one-time warning.
+
+**Granularity.** This rounds once per op *result*, not once per FLOP inside a GEMM or a
+convolution as Verrou does. A convolution's output carries at most one ulp of noise around its
+float64 value, where under Verrou the K rounded products and sums of each output can drift by
+about ``sqrt(K)`` ulps. So this backend measures how the network amplifies one rounding per layer
+output (what decides pooling ties) and underestimates the noise of long reductions. Samples
+scatter around the float64 value of each op, not around PyTorch's float32 result (which differs
+from it by its own accumulation error, the same in every sample).
+
+**float64 models.** No wider dtype is available to recompute in, so exactness is unknown.
+Decision: an element representable in float32 is taken as exact (zeros, copied biases, integers,
+any float32-valued data such as a float32 model cast to float64; an inexact result lands there
+with probability about ``2**-29``). Every other element of an op outside the exact list is
+treated as the nearest rounding of an unknown value uniform within half an ulp: ``"rr"`` moves it
+one ulp down or up with probability 1/4 each, ``"sr"`` 1/8 each (their rates under that model),
+``"mca"`` adds the noise above.
+
+**Reproducibility.** Random draws come from the mode's own ``torch.Generator`` (one per device,
+seeded with ``seed``), never the global RNG, in op order: a given model, input and seed give a
+bit-identical sample (on one machine and thread count: float64 GEMMs may sum in another order
+elsewhere). The stream continues across ``with`` blocks of one mode object (each forward
+gets fresh noise); build a new mode with the same seed to replay.
+
+**Cost.** Each perturbed result costs a float64 recompute plus about ten elementwise passes
+(run block by block, in cache). On one CPU thread a forward of FastSurferVINN (16 filters,
+eval, no_grad) takes about 6x its plain time on one 256x256 slice, 7-8x on four; ``"sr"`` and
+``"mca"`` cost more (float random numbers). A fused kernel would be needed to get near 2x.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["MODES", "MCAMode", "mca_mode"]
+
+MODES: tuple[str, ...] = ("rr", "sr", "mca")
+_MAX_PRECISION = 52  # float64 has 53 significant bits; t must leave room for the noise
+
+_F64 = torch.float64
+_LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# 2**(53 - significand bits + 1): a float64 residual is at least 2**-(53 - p) ulp of the p-bit
+# neighbour, so n + STEP * d lands at least two ulps away, on the residual's side.
+_STEP = {torch.float32: 2.0**30, torch.float16: 2.0**43, torch.bfloat16: 2.0**46}
+_BLOCK = 1 << 17  # elements rounded at a time: its ~10 passes then run in cache (2x faster)
+
+# Ops whose floating-point results are selections / copies / exact transformations of their
+# inputs. Names without the in-place trailing underscore; matched on the schema name.
+_EXACT_OPS = frozenset(
+    """
+    abs absolute adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d alias all amax amin
+    aminmax any argmax argmin argsort as_strided_scatter bitwise_and bitwise_not bitwise_or
+    bitwise_xor cat ceil channel_shuffle clamp clamp_max clamp_min clip clone concat concatenate
+    constant_pad_nd contiguous copysign count_nonzero cummax cummin detach_copy diag diag_embed
+    diagonal_copy diagonal_scatter embedding empty empty_like empty_strided eq equal expand_copy
+    fill fix flip fliplr flipud floor fmax fmin frac fractional_max_pool2d fractional_max_pool3d
+    full full_like gather ge gt hardtanh im2col index index_copy index_fill index_select
+    is_nonzero isfinite isin isinf isnan isneginf isposinf kthvalue le lift_fresh_copy
+    _local_scalar_dense logical_and logical_not logical_or logical_xor lt masked_fill
+    masked_scatter masked_select max max_pool1d max_pool1d_with_indices max_pool2d
+    max_pool2d_with_indices max_pool3d max_pool3d_with_indices max_unpool2d max_unpool3d maximum
+    median min minimum mode msort nan_to_num nanmedian narrow_copy ne neg negative new_empty
+    new_empty_strided new_full new_ones new_zeros nonzero ones ones_like permute_copy
+    pixel_shuffle pixel_unshuffle positive reflection_pad1d reflection_pad2d reflection_pad3d
+    relu relu6 repeat replication_pad1d replication_pad2d replication_pad3d _reshape_copy roll
+    rot90 round scalar_tensor scatter select_copy select_scatter sgn sign signbit slice_copy
+    slice_scatter sort split_copy split_with_sizes_copy squeeze_copy stack t_copy take
+    take_along_dim threshold topk transpose_copy tril triu trunc unbind_copy unfold_copy
+    _unique2 unique_consecutive unique_dim _unsafe_view unsqueeze_copy upsample_nearest1d
+    upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d _upsample_nearest_exact2d
+    _upsample_nearest_exact3d view_copy where zero zeros zeros_like
+    """.split()
+)
+# Overloads of exact ops that do arithmetic (round(x, decimals), scatter with a reduction).
+_INEXACT_OVERLOADS = frozenset({("round", "decimals"), ("scatter", "reduce"),
+                                ("scatter", "value_reduce"), ("scatter", "reduce_out"),
+                                ("scatter", "value_reduce_out")})
+# In-place metadata / storage changes: never recomputed.
+_METADATA_OPS = frozenset({"set", "resize", "resize_as", "_resize_output", "record_stream"})
+_CONVERSIONS = frozenset({"_to_copy", "copy"})
+# Their schemas do not say so, but in training they update running_mean / running_var (args 3, 4).
+_LEGACY_BATCH_NORMS = frozenset({"aten::native_batch_norm", "aten::cudnn_batch_norm",
+                                 "aten::miopen_batch_norm"})
+_CONVOLUTION = torch.ops.aten.convolution.default
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the mode treats one op overload (computed once per overload)."""
+
+    kind: str  # "native", "generic", "convert" or "index_put"
+    writes: tuple[int | str, ...] = ()  # positions (inputs) / names (kwarg-only outs) written
+    ret_alias: tuple[int | None, ...] = ()  # per return: index into ``writes`` it aliases
+
+
+_PLANS: dict[Any, _Plan] = {}
+_WARNED: set[str] = set()
+
+
+def _plan(func: Any) -> _Plan:
+    """The cached plan of one op overload."""
+    plan = _PLANS.get(func)
+    if plan is None:
+        plan = _PLANS[func] = _make_plan(func)
+    return plan
+
+
+def _make_plan(func: Any) -> _Plan:
+    """Native (exact by nature, views, random, no tensor result), conversion or generic."""
+    schema = func._schema
+    base = schema.name.split("::")[-1]
+    base = base[:-1] if base.endswith("_") and not base.endswith("__") else base
+    if (torch.Tag.nondeterministic_seeded in func.tags or torch.Tag.inplace_view in func.tags
+            or base in _METADATA_OPS):
+        return _Plan("native")
+    write_args = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if not write_args and not any("Tensor" in str(r.type) for r in schema.returns):
+        return _Plan("native")  # no tensor result
+    if not write_args and any(r.alias_info is not None for r in schema.returns):
+        return _Plan("native")  # a view
+    if base in ("index_put", "_index_put_impl"):
+        return _generic_plan(func, "index_put")  # exact unless accumulate=True
+    if base in _EXACT_OPS and (base, func._overloadname) not in _INEXACT_OVERLOADS:
+        return _Plan("native")
+    if base in _CONVERSIONS:
+        return _Plan("convert")
+    return _generic_plan(func)
+
+
+def _generic_plan(func: Any, kind: str = "generic") -> _Plan:
+    """Plan of an op recomputed in float64: which arguments it writes, which returns alias them."""
+    schema = func._schema
+    write_args = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    positional = [a.name for a in schema.arguments if not a.kwarg_only]
+    writes: list[int | str] = []
+    if schema.name in _LEGACY_BATCH_NORMS and not write_args:  # update running stats in training
+        return _Plan(kind, (3, 4), tuple(None for _ in schema.returns))
+    for a in write_args:
+        if a.kwarg_only:
+            writes.append(a.name)
+        else:
+            writes.append(positional.index(a.name))
+    ret_alias: list[int | None] = []
+    for r in schema.returns:
+        match = None
+        if r.alias_info is not None:
+            for i, a in enumerate(write_args):
+                if a.alias_info.before_set & r.alias_info.before_set:
+                    match = i
+        ret_alias.append(match)
+    return _Plan(kind, tuple(writes), tuple(ret_alias))
+
+
+def _round_scalar(x: float, dtype: torch.dtype) -> float:
+    """Python float ``x`` rounded to nearest in ``dtype`` (as an op in ``dtype`` would see it)."""
+    if dtype == torch.float32 or dtype == torch.float16:
+        try:
+            return struct.unpack("f" if dtype == torch.float32 else "e",
+                                 struct.pack("f" if dtype == torch.float32 else "e", x))[0]
+        except OverflowError:
+            return float("inf") if x > 0 else float("-inf")
+    return torch.tensor(x, dtype=dtype).item()
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    """``x`` if a tensor, the tensors of ``x`` if a list or tuple, else none."""
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for t in x if isinstance(t, Tensor)]
+    return []
+
+
+def _blocks(shape: torch.Size) -> list[tuple]:
+    """Indices cutting a tensor of ``shape`` into blocks of at most :data:`_BLOCK` elements."""
+    if math.prod(shape) <= _BLOCK:
+        return [(...,)]
+    k, inner = len(shape), 1
+    while k > 0 and inner * shape[k - 1] <= _BLOCK:  # dims k.. fit in one block
+        k -= 1
+        inner *= shape[k]
+    run = max(1, _BLOCK // inner)  # dim k - 1 is cut in runs of this length
+    return [(*outer, slice(i, i + run)) for outer in itertools.product(*map(range, shape[:k - 1]))
+            for i in range(0, shape[k - 1], run)]
+
+
+def _promote(floats: list[Tensor]) -> torch.dtype:
+    """PyTorch's result dtype of some float tensors (0-dim ones only count when all are 0-dim)."""
+    dims = [t for t in floats if t.dim() > 0] or floats
+    dtype = dims[0].dtype
+    for t in dims[1:]:
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int],
+            dilation: list[int], transposed: bool, groups: int) -> Tensor | None:
+    """Float64 2-D convolution as one GEMM per kernel tap on a zero-padded copy of ``x``.
+
+    PyTorch's own float64 CPU convolution (im2col) is ~15x slower than its float32 one; this is
+    2-3x. Returns None where it does not apply (strided, transposed, grouped, not 2-D, not CPU).
+    """
+    if (transposed or groups != 1 or x.dim() != 4 or w.dim() != 4 or x.device.type != "cpu"
+            or any(s != 1 for s in stride) or x.numel() == 0):
+        return None
+    (n, c, h, wd), (o, wc, kh, kw) = x.shape, w.shape
+    if wc != c or (b is not None and b.shape != (o,)):
+        return None  # let aten raise its own error
+    (ph, pw), (dh, dw) = padding, dilation
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    if ho <= 0 or wo <= 0:
+        return None
+    xp = torch.empty((c, n, hp, wp), dtype=_F64)
+    if ph or pw:  # zero only the border
+        xp[:, :, :ph].zero_()
+        xp[:, :, ph + h:].zero_()
+        xp[:, :, ph:ph + h, :pw].zero_()
+        xp[:, :, ph:ph + h, pw + wd:].zero_()
+    xp[:, :, ph:ph + h, pw:pw + wd].copy_(x.transpose(0, 1))
+    flat = xp.view(c, -1)
+    plane = hp * wp
+    cols = n * plane - dh * (kh - 1) * wp - dw * (kw - 1)  # positions whose taps are in range
+    taps = w.to(_F64).permute(2, 3, 0, 1).contiguous()  # (kh, kw, o, c)
+    out = torch.empty((o, cols), dtype=_F64)
+    first = flat[:, :cols]
+    if b is None:
+        torch.mm(taps[0, 0], first, out=out)
+    else:
+        torch.addmm(b.to(_F64)[:, None], taps[0, 0], first, out=out)
+    for i in range(kh):
+        for j in range(kw):
+            if i or j:
+                off = i * dh * wp + j * dw
+                out.addmm_(taps[i, j], flat[:, off:off + cols])
+    # output (b, oc, r, q) sits at flat position b * plane + r * wp + q of channel row oc
+    return out.as_strided((n, o, ho, wo), (plane, cols, wp, 1))
+
+
+class MCAMode(TorchDispatchMode):
+    """Randomly round every inexact floating-point aten op result (see the module docstring)."""
+
+    def __init__(self, mode: str = "rr", *, seed: int, precision: int = 24) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        try:
+            seed = operator.index(seed)
+        except TypeError:
+            raise ValueError(f"seed must be an int; got {seed!r}") from None
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [-2**63, 2**64); got {seed}")
+        try:
+            bits = None if isinstance(precision, bool) else operator.index(precision)
+        except TypeError:
+            bits = None
+        if bits is None or not 1 <= bits <= _MAX_PRECISION:
+            raise ValueError(f"precision must be an int from 1 to {_MAX_PRECISION} (bits); "
+                             f"got {precision!r}")
+        self.mode = mode
+        self.seed = seed
+        self.precision = bits
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._tables: dict[torch.device, Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"MCAMode({self.mode!r}, seed={self.seed}, precision={self.precision})"
+
+    # ---------------------------------------------------------------- random draws
+    def _gen(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+        return gen
+
+    def _bits(self, like: Tensor) -> Tensor:
+        """Fair random 0.0 / 1.0 float32 values shaped like ``like``, 8 per drawn byte."""
+        n, device = like.numel(), like.device
+        table = self._tables.get(device)
+        if table is None:  # row b holds the 8 bits of byte b
+            b = torch.arange(256, device=device)[:, None]
+            table = self._tables[device] = ((b >> torch.arange(8, device=device)) & 1).float()
+        raw = torch.empty((n + 7) // 8, dtype=torch.int64, device=device)
+        raw.random_(0, 256, generator=self._gen(device))
+        return torch.index_select(table, 0, raw).view(-1)[:n].view(like.shape)
+
+    def _uniform(self, like: Tensor, dtype: torch.dtype) -> Tensor:
+        return torch.rand(like.shape, dtype=dtype, device=like.device,
+                          generator=self._gen(like.device))
+
+    # ---------------------------------------------------------------- rounding
+    def _mca_noise(self, y: Tensor) -> Tensor:
+        """Verificarlo's noise ``2**(floor(log2|y|) + 1 - t) * xi``, ``xi ~ U(-1/2, 1/2)``."""
+        exponent = torch.frexp(y).exponent  # y = m * 2**e, 1/2 <= |m| < 1: floor(log2|y|) = e - 1
+        scale = exponent.to(_F64).sub_(self.precision).exp2_()
+        return self._uniform(y, _F64).sub_(0.5).mul_(scale)
+
+    def _round(self, y: Tensor, dtype: torch.dtype,
+               memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
+        """Float64 ``y`` randomly rounded to ``dtype`` (float32/16, bfloat16); exact kept.
+
+        Works block by block (:data:`_BLOCK` elements) so that its passes stay in cache.
+        """
+        out = torch.empty_like(y, dtype=dtype, memory_format=memory_format)
+        if out.numel() == 0:
+            return out
+        size = min(out.numel(), _BLOCK)
+        scratch64 = torch.empty(size, dtype=_F64, device=y.device)
+        scratch32 = torch.empty(size, dtype=torch.float32, device=y.device)
+        for index in _blocks(out.shape):
+            self._round_block(y[index], out[index], scratch64, scratch32)
+        return out
+
+    def _round_block(self, y: Tensor, n: Tensor, scratch64: Tensor, scratch32: Tensor) -> None:
+        """Round float64 ``y`` into ``n`` (same shape) in place, using the scratch buffers."""
+        n.copy_(y)  # nearest
+        if self.mode == "mca":
+            z = self._mca_noise(y).add_(y).to(n.dtype)
+            n.copy_(torch.where(y != n, z, n))
+            return
+        shape, m, dtype = n.shape, n.numel(), n.dtype
+        # Residual d = y - n: 0 exactly where y is exact (NaN and inf results count as exact).
+        # nextafter(n, n + STEP * d) is the other neighbour of y, or n itself where d = 0.
+        # Same-dtype ops only: mixed-dtype ones cost hidden temporaries.
+        n64 = scratch64[:m].view(shape).copy_(n)
+        d = scratch32[:m].view(shape).copy_(torch.sub(y, n64, out=n64))
+        d.nan_to_num_(nan=0.0, posinf=1.0, neginf=-1.0)
+        step = _STEP[dtype]
+        if self.mode == "rr":
+            d.mul_(self._bits(n))  # keep n with probability 1/2
+        else:  # sr: the other neighbour with probability |y - n| / |other - n|
+            gap = torch.empty_like(n)
+            torch.nextafter(n, torch.add(n, d, alpha=step, out=gap), out=gap).sub_(n)
+            p = torch.div(d, gap, out=gap) if dtype == torch.float32 else d / gap
+            d.mul_(self._uniform(n, torch.float32) < p)  # p is NaN only where d is 0
+        target = torch.add(n, d, alpha=step, out=d if dtype == torch.float32 else None)
+        torch.nextafter(n, target.to(dtype), out=n)
+
+    def _perturb64(self, y: Tensor) -> Tensor:
+        """Float64 result of unknown exactness, perturbed (see the module docstring)."""
+        if y.numel() == 0:
+            return y
+        unknown = y != y.to(torch.float32)
+        if self.mode == "mca":
+            return torch.where(unknown, self._mca_noise(y).add_(y), y)
+        r = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+        r.random_(0, 4 if self.mode == "rr" else 8, generator=self._gen(y.device))
+        top = 3 if self.mode == "rr" else 7
+        inf = torch.tensor(float("inf"), dtype=_F64, device=y.device)
+        down = unknown & (r == 0)
+        up = unknown.logical_and_(r == top)
+        out = torch.where(up, torch.nextafter(y, inf), y)
+        return torch.where(down, torch.nextafter(y, -inf), out)
+
+    def _result(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """Perturbed value of one op output ``y`` (float64 recompute) in working ``dtype``."""
+        if dtype == _F64:
+            return self._perturb64(y) if y.dtype == _F64 else y
+        if y.dtype == _F64 and dtype in _LOW_FLOATS:
+            return self._round(y, dtype)
+        return y
+
+    # ---------------------------------------------------------------- dispatch
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        plan = _plan(func)
+        if plan.kind == "native":
+            return func(*args, **kwargs)
+        if plan.kind == "convert":
+            return self._convert(func, args, kwargs)
+        if plan.kind == "index_put":
+            accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+            if not accumulate:
+                return func(*args, **kwargs)
+        return self._generic(func, plan, args, kwargs)
+
+    def _convert(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """``_to_copy`` / ``copy`` / ``copy_``: round when the destination is less precise."""
+        if func._schema.name.endswith("_to_copy"):
+            src, dst_dtype = args[0], kwargs.get("dtype") or args[0].dtype
+        else:
+            src, dst_dtype = args[1], args[0].dtype
+        if (not isinstance(src, Tensor) or not src.is_floating_point()
+                or dst_dtype not in _LOW_FLOATS or src.dtype == dst_dtype
+                or torch.promote_types(src.dtype, dst_dtype) == dst_dtype):
+            return func(*args, **kwargs)
+        rounded = self._round(src.to(_F64), dst_dtype)
+        if func._schema.name.endswith("_to_copy"):
+            return func(rounded, *args[1:], **kwargs)
+        return func(args[0], rounded, *args[2:], **kwargs)
+
+    def _generic(self, func: Any, plan: _Plan, args: tuple, kwargs: dict) -> Any:
+        flat, spec = tree_flatten((args, kwargs))
+        floats = [x for x in flat if isinstance(x, Tensor) and x.is_floating_point()]
+        if not floats or any(isinstance(x, Tensor) and x.is_complex() for x in flat):
+            return func(*args, **kwargs)
+        dtype = kwargs.get("dtype")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            outs = {id(kwargs.get(w)) for w in plan.writes if isinstance(w, str)}
+            inputs = [t for t in floats if id(t) not in outs]
+            dtype = _promote(inputs) if inputs else _promote(floats)
+        if dtype == _F64:
+            result = func(*args, **kwargs)
+            return self._finish(plan, args, kwargs, result, None, dtype)
+        if dtype not in _LOW_FLOATS:
+            return func(*args, **kwargs)
+
+        def up(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                if not x.is_floating_point():
+                    return x
+                if x.dtype != dtype and torch.promote_types(x.dtype, dtype) != dtype:
+                    x = x.to(dtype)  # e.g. a float64 0-dim scalar in a float32 op
+                return x.to(_F64)
+            if isinstance(x, float):
+                return _round_scalar(x, dtype)
+            if isinstance(x, torch.dtype) and x.is_floating_point:
+                return _F64
+            return x
+
+        args64, kwargs64 = tree_unflatten([up(x) for x in flat], spec)
+        if func is _CONVOLUTION and not kwargs64:
+            y = _conv64(*args64[:6], args64[6], args64[8])
+            if y is not None:
+                cl = not args[0].is_contiguous() and args[0].is_contiguous(
+                    memory_format=torch.channels_last)
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                return self._round(y, dtype, fmt)
+        try:
+            result = func(*args64, **kwargs64)
+        except Exception as exc:  # a user error, or no float64 kernel: told apart below
+            native = func(*args, **kwargs)  # a user error raises here, as without the mode
+            _PLANS[func] = _Plan("native")
+            if str(func) not in _WARNED:
+                _WARNED.add(str(func))
+                warnings.warn(f"nanprobe.mca: {func} could not be recomputed in float64 "
+                              f"({type(exc).__name__}: {exc}); it runs unperturbed",
+                              RuntimeWarning, stacklevel=3)
+            return native
+        return self._finish(plan, args, kwargs, result, (args64, kwargs64), dtype)
+
+    def _finish(self, plan: _Plan, args: tuple, kwargs: dict, result: Any,
+                recomputed: tuple[tuple, dict] | None, dtype: torch.dtype) -> Any:
+        """Round the outputs; write mutated arguments back; keep returns aliased to them."""
+        originals: list[Any] = []
+        for w in plan.writes:
+            orig = kwargs.get(w) if isinstance(w, str) else (args[w] if w < len(args) else None)
+            originals.append(orig)
+            if recomputed is None:  # float64: computed in place, perturb in place
+                pairs = [(t, t) for t in _tensors(orig)]
+            else:
+                a64, k64 = recomputed
+                new = k64.get(w) if isinstance(w, str) else a64[w]
+                pairs = list(zip(_tensors(orig), _tensors(new), strict=True))
+            for dst, src in pairs:
+                if not dst.is_floating_point():
+                    continue
+                value = self._result(src, dst.dtype if dst.dtype in _LOW_FLOATS else _F64)
+                if dst.shape != value.shape:
+                    dst.resize_(value.shape)
+                dst.copy_(value)
+
+        def fix(x: Any) -> Any:
+            return self._result(x, dtype) if isinstance(x, Tensor) else x
+
+        if not plan.writes:
+            if isinstance(result, Tensor):
+                return fix(result)
+            if isinstance(result, (tuple, list)):
+                return type(result)(fix(x) if isinstance(x, Tensor) else x for x in result)
+            return result
+        single = not isinstance(result, (tuple, list))
+        items = [result] if single else list(result)
+        out = []
+        for i, x in enumerate(items):
+            alias = plan.ret_alias[i] if i < len(plan.ret_alias) else None
+            if alias is not None and originals[alias] is not None:
+                out.append(originals[alias])
+            else:
+                out.append(fix(x) if isinstance(x, Tensor) else x)
+        return out[0] if single else type(result)(out)
+
+
+def mca_mode(mode: str = "rr", *, seed: int, precision: int = 24) -> MCAMode:
+    """A context manager randomly rounding every floating-point op result inside it.
+
+    ``mode``: ``"rr"`` (Verrou random), ``"sr"`` (stochastic, Verrou nearness) or ``"mca"``
+    (verificarlo noise at ``precision`` bits); ``seed`` makes the sample bit-reproducible.
+    """
+    return MCAMode(mode, seed=seed, precision=precision)
+
