@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,15 +94,10 @@ def test_default_unet_record_matches_bundle():
     assert (ASSETS / "default_unet.pt").stat().st_size < 1 << 20
 
 
-def test_default_unet_runs_a_slice_quickly(unet):
-    x = torch.rand(1, 7, 256, 256)
+def test_default_unet_runs_a_full_slice(unet):
     with torch.no_grad():
-        unet(x)  # warm-up
-        start = time.perf_counter()
-        out = unet(x)
-        elapsed = time.perf_counter() - start
-    assert out.shape == (1, 4, 256, 256)
-    assert elapsed < 1.0
+        out = unet(torch.rand(1, 7, 256, 256))
+    assert out.shape == (1, 4, 256, 256) and torch.isfinite(out).all()
 
 
 def test_nanified_default_unet_skips_in_middle_layers(brain):
