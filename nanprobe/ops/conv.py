@@ -29,8 +29,8 @@ IMPLS = ("auto", "reference", "fast")
 BAND_ROWS = 16
 #: ``auto`` runs one dense conv unless the bands cover at most this fraction of the output map
 AUTO_MAX_BAND_FRACTION = 0.85
-#: ``auto`` never bands maps with fewer output positions than this (call overhead dominates)
-AUTO_MIN_POSITIONS = 48 * 48
+#: ``auto`` never bands convolutions with fewer dense MACs than this (call overhead dominates)
+AUTO_MIN_MACS = 2e8
 #: gathered window entries per chunk when recomputing partially-NaN windows
 GATHER_CHUNK = 1 << 22
 
@@ -260,7 +260,8 @@ def _fast(
     rects = _bands(~skip.all(0), BAND_ROWS)
     band_area = sum((r1 - r0 + 1) * (c1 - c0 + 1) for r0, r1, c0, c1 in rects)
     if banded is None:
-        banded = ho * wo >= AUTO_MIN_POSITIONS and band_area <= AUTO_MAX_BAND_FRACTION * ho * wo
+        macs = n * ho * wo * weight[0].numel() * cout
+        banded = macs >= AUTO_MIN_MACS and band_area <= AUTO_MAX_BAND_FRACTION * ho * wo
     if not banded and rects:
         rects, band_area = [(0, ho - 1, 0, wo - 1)], ho * wo
 
