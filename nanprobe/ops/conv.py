@@ -312,29 +312,33 @@ def _add_mean_fill(
 
     ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * (sum of the weights at
     the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count.
-    Few partial windows: gather them (P, kH*kW, C_in). Many: per-pixel channel sums plus either
-    per-pixel NaN taps (NaNs spanning whole pixels) or one dense conv of the NaN mask.
+    Few partial windows: gather them (P, kH*kW, C_in). Many: dense maps — window sums of the
+    per-pixel channel sums, and a conv of the NaN mask (per pixel when NaNs span whole pixels,
+    else over the channels that hold NaN).
     """
     pn, pr, pc = where
     cout = weight.shape[0]
-    rows, cols, inside = _taps(g, where, x.shape[-2:])
-    entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
-    count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
-    tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out), tap-major
-    if len(pn) * rows.shape[1] * x.shape[1] <= x.numel() // 2:
+    if len(pn) * weight[0].numel() <= x.numel() // 2:
+        rows, cols, inside = _taps(g, where, x.shape[-2:])
+        entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
+        count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+        tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out), tap-major
         window = x[pn[:, None], :, rows, cols]  # (P, T, C)
         nan_taps = torch.isnan(window) & inside[..., None]
         mean = window.masked_fill(nan_taps | ~inside[..., None], 0).sum((1, 2)) / count
         y[pn, :, pr, pc] += (nan_taps.flatten(1).to(x.dtype) @ tap_weight) * mean[:, None]
         return
-    pixel_sum = torch.nansum(x, 1)[pn[:, None], rows, cols].masked_fill_(~inside, 0)
-    mean = pixel_sum.sum(1) / count
+    # many partial windows: everything as dense maps, no gathers
+    ones_k = torch.ones(1, 1, *g.k, dtype=x.dtype, device=x.device)
+    window_sum = F.conv2d(torch.nansum(x, 1, keepdim=True), ones_k, None, g.s, g.p, g.d)[:, 0]
+    mean = window_sum / (layout.entries - layout.nan_count).clamp_min(1).to(x.dtype)
     if layout.pixel_uniform:
-        nan_taps = (layout.per_pixel[:, 0] > 0)[pn[:, None], rows, cols] & inside  # (P, T)
-        nan_sum = nan_taps.to(x.dtype) @ weight.sum(1).reshape(cout, -1).T
-    else:  # one dense conv of the NaN mask beats gathering this many windows
-        nan_sum = F.conv2d(nan.to(x.dtype), weight, None, g.s, g.p, g.d)[pn, :, pr, pc]
-    y[pn, :, pr, pc] += nan_sum * mean[:, None]
+        nan_sum = F.conv2d((layout.per_pixel > 0).to(x.dtype), weight.sum(1, keepdim=True),
+                           None, g.s, g.p, g.d)
+    else:  # convolve the NaN mask of the channels that hold NaN
+        channels = nan.flatten(2).any(2).any(0).nonzero()[:, 0]
+        nan_sum = F.conv2d(nan[:, channels].to(x.dtype), weight[:, channels], None, g.s, g.p, g.d)
+    y += nan_sum.mul_(mean[:, None]).masked_fill_(~layout.partial[:, None], 0)
 
 
 def _recompute_partial(
