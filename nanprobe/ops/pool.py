@@ -183,18 +183,22 @@ def nan_max_unpool2d(
             raise ValueError(f"output_size {(h, w)} is inconsistent with pooled size {(ho, wo)} "
                              f"for kernel_size={k}, stride={s}, padding={p}")
     nan = torch.isnan(v4)
-    finite_idx = i4.masked_fill(nan, 0)
-    if bool(((finite_idx < 0) | (finite_idx >= h * w)).any()):
+    has_nan = bool(nan.any())
+    if has_nan:  # send a NaN window's write into its own window, which is painted NaN below
+        rows = (torch.arange(ho, device=v4.device) * s[0] - p[0]).clamp_min(0)
+        cols = (torch.arange(wo, device=v4.device) * s[1] - p[1]).clamp_min(0)
+        i4 = torch.where(nan, rows[:, None] * w + cols, i4)
+    lo, hi = (int(v) for v in torch.aminmax(i4))
+    if lo < 0 or hi >= h * w:
         raise ValueError(f"indices out of range for an output of size {(h, w)}: "
                          f"expected values in [0, {h * w})")
-    flat = v4.new_zeros(n, c, h * w + 1)  # the extra slot swallows the NaN windows' writes
-    flat.scatter_(2, i4.masked_fill(nan, h * w).flatten(2), v4.masked_fill(nan, 0).flatten(2))
-    out = flat[..., : h * w].reshape(n, c, h, w)
-    if bool(nan.any()):
+    out = v4.new_zeros(n, c, h, w)
+    out.view(n, c, h * w).scatter_(2, i4.flatten(2), v4.flatten(2))
+    if has_nan:
         hp = max(h + 2 * p[0], (ho - 1) * s[0] + k[0])
         wp = max(w + 2 * p[1], (wo - 1) * s[1] + k[1])
         spread = torch.zeros(n, c, hp, wp, dtype=torch.bool, device=v4.device)
         for view in _window_views(spread, k, s, (ho, wo)):
             view |= nan
-        out = out.masked_fill(spread[..., p[0] : p[0] + h, p[1] : p[1] + w], float("nan"))
+        out.masked_fill_(spread[..., p[0] : p[0] + h, p[1] : p[1] + w], float("nan"))
     return out.squeeze(0) if squeeze else out
