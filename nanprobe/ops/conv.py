@@ -312,13 +312,13 @@ def _add_mean_fill(
 
     ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * (sum of the weights at
     the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count.
-    Few partial windows: gather them (P, kH*kW, C_in). Many: dense maps — window sums of the
-    per-pixel channel sums, and a conv of the NaN mask (per pixel when NaNs span whole pixels,
-    else over the channels that hold NaN).
+    NaNs spanning whole pixels, or many partial windows: dense maps — window sums of the
+    per-pixel channel sums and a conv of the NaN mask (per pixel, or over the channels that
+    hold NaN). Few partial windows with channel-wise NaN: gather them (P, kH*kW, C_in).
     """
     pn, pr, pc = where
     cout = weight.shape[0]
-    if len(pn) * weight[0].numel() <= x.numel() // 2:
+    if not layout.pixel_uniform and len(pn) * weight[0].numel() <= x.numel() // 2:
         rows, cols, inside = _taps(g, where, x.shape[-2:])
         entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
         count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)

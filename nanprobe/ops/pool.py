@@ -63,19 +63,19 @@ def _tie_count(
 
 def _first_neg_inf_index(
     x: torch.Tensor,
-    values: torch.Tensor,
+    todo: torch.Tensor,
     indices: torch.Tensor,
     k: tuple[int, int],
     s: tuple[int, int],
     p: tuple[int, int],
 ) -> torch.Tensor:
-    """Where the max is -inf, the index of the first -inf number (not of a NaN turned -inf)."""
+    """Where ``todo`` (max is a real -inf), the index of the first -inf number, not of a NaN."""
     h, w = x.shape[-2:]
-    ho, wo = values.shape[-2:]
+    ho, wo = todo.shape[-2:]
     xp = x if p == (0, 0) else F.pad(x, (p[1], p[1], p[0], p[0]), value=float("nan"))
     rows = torch.arange(ho, device=x.device)[:, None] * s[0] - p[0]
     cols = torch.arange(wo, device=x.device) * s[1] - p[1]
-    todo = values == float("-inf")
+    todo = todo.clone()
     out = indices.clone()
     offsets = ((di, dj) for di in range(k[0]) for dj in range(k[1]))
     for (di, dj), win in zip(offsets, _window_views(xp, k, s, (ho, wo)), strict=True):
@@ -125,18 +125,21 @@ def nan_max_pool2d(
     inf = float("inf")
     clean = torch.nan_to_num(x4, nan=-inf, posinf=inf, neginf=-inf) if has_nan else x4
     values, indices = F.max_pool2d(clean, k, s, p, return_indices=True)
-    bad = None
+    bad = empty = None
     if tie_limit is not None:
         count = _tie_count(x4, values, k, s, p, tie_eps, tie_rtol)
         bad = count > tie_limit
         if has_nan:
-            bad |= count == 0  # no number in the window
+            empty = count == 0  # no number in the window
     elif has_nan:
         maybe_empty = values == -inf  # windows without numbers are among these
         if bool(maybe_empty.any()):
-            bad = maybe_empty & (F.max_pool2d((~torch.isnan(x4)).to(x4.dtype), k, s, p) == 0)
-    if has_nan and bool((values == -inf).any()):
-        indices = _first_neg_inf_index(x4, values, indices, k, s, p)
+            empty = maybe_empty & (F.max_pool2d((~torch.isnan(x4)).to(x4.dtype), k, s, p) == 0)
+    if empty is not None:
+        bad = empty if bad is None else bad | empty
+        neg_inf_max = (values == -inf) & ~empty  # a real -inf maximum beside NaN entries
+        if bool(neg_inf_max.any()):
+            indices = _first_neg_inf_index(x4, neg_inf_max, indices, k, s, p)
     if bad is not None:
         values = values.masked_fill(bad, float("nan"))
         indices = indices.masked_fill(bad, 0)
