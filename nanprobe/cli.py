@@ -156,6 +156,75 @@ def mca_run_cmd(
     typer.echo(f"run complete: {result.path} ({len(result.sample_paths)} samples + reference)")
 
 
+@app.command()
+@friendly_errors
+def sigdigits(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `nanprobe mca-run`.")],
+    method: Annotated[str, typer.Option(
+        help="significantdigits method: cnh (Centered Normal Hypothesis) or general.")] = "cnh",
+    reference: Annotated[str, typer.Option(
+        help="Compare samples with the unperturbed 'reference' run or the sample 'mean'.")
+    ] = "reference",
+    error: Annotated[str, typer.Option(
+        help="relative (absolute where the reference is 0) or absolute error.")] = "relative",
+    probability: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Probability that the significant bits hold.")] = 0.95,
+    confidence: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Confidence level of that statement.")] = 0.95,
+    layers: Annotated[list[str] | None, typer.Option(
+        "--layers", help="Glob pattern of capture keys to analyse (repeatable; default all).")
+    ] = None,
+    slice_index: Annotated[int, typer.Option(
+        min=0, help="Input slice shown in the heatmaps.")] = 0,
+    aggregate: Annotated[str, typer.Option(
+        help="How heatmaps aggregate channels: min, mean or median.")] = "min",
+) -> None:
+    """Significant bits per layer and element over the samples -> RUN_DIR/sigdigits.h5 + PNGs."""
+    from .plots import plot_sigdigits
+    from .sigdigits import compute_sigdigits
+
+    out = compute_sigdigits(run_dir, method=method, reference=reference, error=error,
+                            probability=probability, confidence=confidence, keys=layers)
+    pngs = plot_sigdigits(out, run_dir / "sigdigits", slice_index=slice_index,
+                          aggregate=aggregate)
+    typer.echo(f"wrote {out} and {len(pngs)} PNGs in {run_dir / 'sigdigits'}")
+
+
+@app.command()
+@friendly_errors
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `nanprobe mca-run`.")],
+    eps: Annotated[list[float] | None, typer.Option(
+        "--eps", help="Tie tolerances for the P(unstable | ties) table and the calibration "
+        "(repeatable; default 0, 1e-7, 1e-6, 1e-5, 1e-4).")] = None,
+) -> None:
+    """Which pooling windows are unstable, why (near ties), and the calibrated tie settings.
+
+    Writes RUN_DIR/audit.json (its "calibrated_pooling" entry is a thresholds config) and maps
+    in RUN_DIR/audit/.
+    """
+    from .audit import audit_run, summary_lines
+
+    kwargs = {"eps_values": tuple(eps)} if eps else {}
+    for line in summary_lines(audit_run(run_dir, **kwargs)):
+        typer.echo(line)
+    typer.echo(f"wrote {run_dir / 'audit.json'}")
+
+
+@app.command()
+@friendly_errors
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="Run to judge (e.g. the in-process backend).")],
+    run_b: Annotated[Path, typer.Argument(help="Run taken as truth (e.g. Verrou).")],
+    out: Annotated[Path | None, typer.Option(help="Write the comparison as JSON here.")] = None,
+) -> None:
+    """How far two runs of the same model and input agree: unstable windows and sigdigit maps."""
+    from .compare import compare_runs, summary_lines
+
+    for line in summary_lines(compare_runs(run_a, run_b, out=out)):
+        typer.echo(line)
+
+
 def run() -> None:  # pragma: no cover - console script entry for `python -m nanprobe`
     app(prog_name="nanprobe")
 
