@@ -312,33 +312,36 @@ def _add_mean_fill(
 
     ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * (sum of the weights at
     the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count.
-    NaNs spanning whole pixels, or many partial windows: dense maps — window sums of the
-    per-pixel channel sums and a conv of the NaN mask (per pixel, or over the channels that
-    hold NaN). Few partial windows with channel-wise NaN: gather them (P, kH*kW, C_in).
+    NaNs spanning whole pixels: per-pixel channel sums and NaN flags, gathered per tap
+    (P, kH*kW). Channel-wise NaN: gather the windows (P, kH*kW, C_in) when they are few, else
+    dense maps (window-sum conv, NaN-mask conv over the channels that hold NaN).
     """
     pn, pr, pc = where
     cout = weight.shape[0]
-    if not layout.pixel_uniform and len(pn) * weight[0].numel() <= x.numel() // 2:
+    entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
+    count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+    if layout.pixel_uniform:
         rows, cols, inside = _taps(g, where, x.shape[-2:])
-        entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
-        count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
-        tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out), tap-major
+        nan_pixel = layout.per_pixel[:, 0] > 0  # (N, H, W)
+        pixel_sum = x.sum(1).masked_fill_(nan_pixel, 0)[pn[:, None], rows, cols]
+        mean = pixel_sum.masked_fill_(~inside, 0).sum(1) / count
+        nan_taps = nan_pixel[pn[:, None], rows, cols] & inside  # (P, T)
+        tap_weight = weight.sum(1).reshape(cout, -1).T  # (T, C_out)
+        y[pn, :, pr, pc] += (nan_taps.to(x.dtype) @ tap_weight) * mean[:, None]
+    elif len(pn) * weight[0].numel() <= x.numel() // 2:
+        rows, cols, inside = _taps(g, where, x.shape[-2:])
         window = x[pn[:, None], :, rows, cols]  # (P, T, C)
         nan_taps = torch.isnan(window) & inside[..., None]
         mean = window.masked_fill(nan_taps | ~inside[..., None], 0).sum((1, 2)) / count
+        tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out), tap-major
         y[pn, :, pr, pc] += (nan_taps.flatten(1).to(x.dtype) @ tap_weight) * mean[:, None]
-        return
-    # many partial windows: everything as dense maps, no gathers
-    ones_k = torch.ones(1, 1, *g.k, dtype=x.dtype, device=x.device)
-    window_sum = F.conv2d(torch.nansum(x, 1, keepdim=True), ones_k, None, g.s, g.p, g.d)[:, 0]
-    mean = window_sum / (layout.entries - layout.nan_count).clamp_min(1).to(x.dtype)
-    if layout.pixel_uniform:
-        nan_sum = F.conv2d((layout.per_pixel > 0).to(x.dtype), weight.sum(1, keepdim=True),
-                           None, g.s, g.p, g.d)
-    else:  # convolve the NaN mask of the channels that hold NaN
+    else:  # many partial windows: dense maps, no gathers
+        ones_k = torch.ones(1, 1, *g.k, dtype=x.dtype, device=x.device)
+        window_sum = F.conv2d(torch.nansum(x, 1, keepdim=True), ones_k, None, g.s, g.p, g.d)
+        mean = window_sum[:, 0] / (layout.entries - layout.nan_count).clamp_min(1).to(x.dtype)
         channels = nan.flatten(2).any(2).any(0).nonzero()[:, 0]
         nan_sum = F.conv2d(nan[:, channels].to(x.dtype), weight[:, channels], None, g.s, g.p, g.d)
-    y += nan_sum.mul_(mean[:, None]).masked_fill_(~layout.partial[:, None], 0)
+        y += nan_sum.mul_(mean[:, None]).masked_fill_(~layout.partial[:, None], 0)
 
 
 def _recompute_partial(
