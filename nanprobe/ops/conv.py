@@ -226,7 +226,11 @@ def _bands(active: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, in
 def _dense_crop(
     x: torch.Tensor, g: _Geometry, rows: tuple[int, int], cols: tuple[int, int]
 ) -> torch.Tensor:
-    """The zero-padded, NaN-free input region that output rows/cols (inclusive) read."""
+    """The zero-padded, NaN-free input region that output rows/cols (inclusive) read.
+
+    Returned in channels-last layout: oneDNN's convolution is markedly faster on it, and the
+    copy is one conv2d would make of a strided view anyway.
+    """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
     h, w = x.shape[-2:]
     top, bottom = rows[0] * sh - ph, rows[1] * sh - ph + dh * (kh - 1) + 1
@@ -234,9 +238,10 @@ def _dense_crop(
     crop = x[..., max(top, 0) : min(bottom, h), max(left, 0) : min(right, w)]
     pads = (max(-left, 0), max(right - w, 0), max(-top, 0), max(bottom - h, 0))
     if any(pads):
-        return F.pad(crop, pads).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    # the copy is one conv2d would make of a strided view anyway
-    return torch.nan_to_num(crop, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        crop = F.pad(crop, pads)
+    out = torch.empty(crop.shape, dtype=crop.dtype, device=crop.device,
+                      memory_format=torch.channels_last)
+    return torch.nan_to_num(crop, nan=0.0, posinf=float("inf"), neginf=float("-inf"), out=out)
 
 
 def _fast(
@@ -265,13 +270,15 @@ def _fast(
     if not banded and rects:
         rects, band_area = [(0, ho - 1, 0, wo - 1)], ho * wo
 
+    w_cl = weight.contiguous(memory_format=torch.channels_last)
     if rects == [(0, ho - 1, 0, wo - 1)]:
-        y = F.conv2d(_dense_crop(x, g, (0, ho - 1), (0, wo - 1)), weight, bias, g.s, 0, g.d)
+        y = F.conv2d(_dense_crop(x, g, (0, ho - 1), (0, wo - 1)), w_cl, bias, g.s, 0, g.d)
     else:
-        y = x.new_empty(n, cout, ho, wo)
+        y = torch.empty(n, cout, ho, wo, dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last)
         for r0, r1, c0, c1 in rects:
             crop = _dense_crop(x, g, (r0, r1), (c0, c1))
-            y[..., r0 : r1 + 1, c0 : c1 + 1] = F.conv2d(crop, weight, bias, g.s, 0, g.d)
+            y[..., r0 : r1 + 1, c0 : c1 + 1] = F.conv2d(crop, w_cl, bias, g.s, 0, g.d)
 
     where = layout.partial.nonzero(as_tuple=True)  # row-major, as in the reference
     if where[0].numel():
