@@ -467,7 +467,8 @@ def nan_conv2d(
 
     ``impl``: ``"reference"`` (im2col, slow, obviously correct), ``"fast"`` (banded dense conv
     over the active region) or ``"auto"`` (banded only when it saves work). ``groups`` must be 1.
-    Returns (N, C_out, Ho, Wo) (or (C_out, Ho, Wo) for 3-D input).
+    Returns (N, C_out, Ho, Wo) (or (C_out, Ho, Wo) for 3-D input); when the input holds NaN
+    the result may be in channels-last memory layout (same values and shape).
     """
     return nan_conv2d_with_stats(
         x, weight, bias, stride, padding, dilation, nan_threshold=nan_threshold, fill=fill,
