@@ -18,8 +18,9 @@ from .data import mri
 from .models.registry import LoadedModel
 
 MRI_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
-#: coronal slices through the bundled brain's centre used when none are selected
-DEFAULT_MRI_SLICES = "126:130"
+#: slices through the volume's centre used when none are selected (every layer of a
+#: FastSurfer-like U-Net captured for 2 slices is ~250 MB per file)
+DEFAULT_MRI_SLICES = "127:129"
 DEFAULT_IMAGE_SAMPLES = "0:32"
 
 
