@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from nanprobe.evaluate import interleaved_times
 from nanprobe.ops import nan_conv2d, nan_max_pool2d
 
 
@@ -37,19 +36,6 @@ def blob_input(n: int, c: int, size: int, skip: float, seed: int = 0) -> torch.T
                             torch.arange(size) - (size - 1) / 2, indexing="ij")
     outside = (yy / a) ** 2 + (xx / b) ** 2 > 1
     return x.masked_fill(outside, float("nan"))
-
-
-def interleaved(fns: list, reps: int) -> list[float]:
-    """Median wall-clock seconds of each function, calls interleaved ``reps`` times."""
-    for fn in fns:  # warm-up
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def conv_rows(quick: bool) -> list[tuple]:
@@ -84,7 +70,7 @@ def main() -> None:
         dense_in = torch.nan_to_num(x)
         y = nan_conv2d(x, w, b, padding=pad)
         measured = torch.isnan(y[:, 0]).float().mean().item()
-        t_dense, t_nan = interleaved([
+        t_dense, t_nan = interleaved_times([
             partial(F.conv2d, dense_in, w, b, padding=pad),
             partial(nan_conv2d, x, w, b, padding=pad),
         ], args.reps)
@@ -97,7 +83,7 @@ def main() -> None:
     for n, c, size, skip in [(1, 71, 256, 0.0), (1, 71, 256, 0.5), (4, 71, 128, 0.5),
                              (1, 64, 64, 0.0)]:
         x = blob_input(n, c, size, skip)
-        t_dense, t_nan = interleaved([
+        t_dense, t_nan = interleaved_times([
             partial(F.max_pool2d, x, 2, 2, return_indices=True),
             partial(nan_max_pool2d, x, 2, 2),
         ], args.reps)
