@@ -6,16 +6,14 @@ stacks of the selected slices in the model's view; images come as (S, C, H, W) a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data import mri
-from .models.registry import LoadedModel
+from .models.registry import LoadedModel, asset_sha256, file_sha256
 
 MRI_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 #: slices through the volume's centre used when none are selected (every layer of a
@@ -61,10 +59,6 @@ def parse_selection(text: str | None, n: int, default: str) -> list[int]:
     return indices
 
 
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _mri_input(img, spec: str, digest: str, loaded: LoadedModel, slices: str | None,
                view: str | None, labels_img=None) -> PreparedInput:
     view = view or loaded.view or "coronal"
@@ -90,10 +84,9 @@ def prepare_input(spec: str, loaded: LoadedModel, *, slices: str | None = None,
         from .data.mnist import load_heldout
 
         images, labels = load_heldout()
-        blob = resources.files("nanprobe").joinpath("assets", "mnist_heldout.npz").read_bytes()
         idx = parse_selection(slices, len(images), DEFAULT_IMAGE_SAMPLES)
-        return PreparedInput(torch.from_numpy(images[idx]), "mnist-heldout", _sha256_bytes(blob),
-                             idx, None, labels[idx])
+        return PreparedInput(torch.from_numpy(images[idx]), "mnist-heldout",
+                             asset_sha256("mnist_heldout.npz"), idx, None, labels[idx])
     if spec == "default":
         if loaded.input_kind != "mri-thick-slices":
             raise ValueError(f"input 'default' is the bundled brain, but model {loaded.spec!r} "
@@ -101,13 +94,12 @@ def prepare_input(spec: str, loaded: LoadedModel, *, slices: str | None = None,
         from .models.default import BRAIN_ASSET, load_default_brain
 
         t1, labels_img = load_default_brain()
-        blob = resources.files("nanprobe").joinpath("assets", BRAIN_ASSET).read_bytes()
-        return _mri_input(t1, "default-brain", _sha256_bytes(blob), loaded, slices, view,
+        return _mri_input(t1, "default-brain", asset_sha256(BRAIN_ASSET), loaded, slices, view,
                           labels_img)
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"input {spec!r} is neither 'default', 'mnist' nor an existing file")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if path.name.endswith(MRI_SUFFIXES):
         if loaded.input_kind == "image":
             raise ValueError(f"model {loaded.spec!r} takes images, not an MRI volume ({path})")

@@ -77,7 +77,8 @@ def state_dict_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -85,7 +86,8 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _asset_sha256(name: str) -> str:
+def asset_sha256(name: str) -> str:
+    """SHA-256 of a bundled file in ``nanprobe/assets``."""
     blob = resources.files("nanprobe").joinpath("assets", name).read_bytes()
     return hashlib.sha256(blob).hexdigest()
 
@@ -160,14 +162,14 @@ def _load_default(checkpoint: Path | None, view: str | None, trust: bool) -> Loa
         return LoadedModel(
             default.load_default_unet(), "default", "segmentation", "mri-thick-slices",
             _CONFORMED_STACK, default.NUM_CLASSES, default.DEFAULT_VIEW,
-            _asset_sha256(default.WEIGHTS_ASSET),
+            asset_sha256(default.WEIGHTS_ASSET),
         )
     _check_view("default", view, VIEWS)
     model = default.build_default_unet()
     _load_state_dict(model, checkpoint, "default", trust=trust)
     return LoadedModel(
         model.eval(), "default", "segmentation", "mri-thick-slices", _CONFORMED_STACK,
-        default.NUM_CLASSES, view or default.DEFAULT_VIEW, _file_sha256(checkpoint),
+        default.NUM_CLASSES, view or default.DEFAULT_VIEW, file_sha256(checkpoint),
     )
 
 
@@ -175,11 +177,11 @@ def _load_mnist(checkpoint: Path | None, view: str | None, trust: bool) -> Loade
     _check_view("mnist", view, ())
     if checkpoint is None:
         model = mnist.load_mnist_cnn()
-        digest = _asset_sha256(mnist.WEIGHTS_ASSET)
+        digest = asset_sha256(mnist.WEIGHTS_ASSET)
     else:
         model = mnist.MnistCNN()
         _load_state_dict(model, checkpoint, "mnist", trust=trust)
-        digest = _file_sha256(checkpoint)
+        digest = file_sha256(checkpoint)
     return LoadedModel(
         model.eval(), "mnist", "classification", "image", (1, MNIST_SIDE, MNIST_SIDE), 10, None,
         digest,
@@ -198,7 +200,7 @@ def _load_fastsurfer(
         raise ValueError(f"{checkpoint} holds a {found} checkpoint; load it with spec {found!r}")
     return LoadedModel(
         model, spec, "segmentation", "mri-thick-slices", _CONFORMED_STACK,
-        num_classes_for_view(view), view, _file_sha256(checkpoint),
+        num_classes_for_view(view), view, file_sha256(checkpoint),
     )
 
 
@@ -236,7 +238,7 @@ def _load_factory(
         )
     if checkpoint is not None:
         _load_state_dict(loaded.model, checkpoint, spec, trust=trust)
-        digest = _file_sha256(checkpoint)
+        digest = file_sha256(checkpoint)
     else:
         digest = loaded.weights_sha256 or state_dict_sha256(loaded.model)
     return replace(loaded, model=loaded.model.eval(), weights_sha256=digest)
