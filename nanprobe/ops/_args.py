@@ -51,6 +51,13 @@ def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def check_tie_limit(value: int | None) -> int | None:
+    """ValueError unless ``value`` is None or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"tie_limit must be None or an int >= 1, got {value!r}")
+    return value
+
+
 def check_fraction(value: float, name: str) -> float:
     """ValueError unless ``value`` is a real number in [0, 1]."""
     try:

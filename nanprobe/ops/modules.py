@@ -11,7 +11,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ._args import IntPair, check_fraction, check_nonnegative
+from ._args import IntPair, check_choice, check_fraction, check_nonnegative, check_tie_limit
 from .conv import FILLS, IMPLS, nan_conv2d_with_stats
 from .pool import nan_max_pool2d, nan_max_unpool2d
 
@@ -58,9 +58,7 @@ class NanMaxPool2d(nn.MaxPool2d, SkipCounter):
         if dilation not in (1, (1, 1)) or ceil_mode:
             raise ValueError("NanMaxPool2d supports dilation=1 and ceil_mode=False only, got "
                              f"dilation={dilation!r}, ceil_mode={ceil_mode!r}")
-        if tie_limit is not None and (isinstance(tie_limit, bool) or not isinstance(tie_limit, int)
-                                      or tie_limit < 1):
-            raise ValueError(f"tie_limit must be None or an int >= 1, got {tie_limit!r}")
+        check_tie_limit(tie_limit)
         check_nonnegative(tie_eps, "tie_eps")
         check_nonnegative(tie_rtol, "tie_rtol")
         super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
@@ -136,9 +134,8 @@ class NanConv2d(nn.Conv2d, SkipCounter):
             raise ValueError("NanConv2d supports groups=1, padding_mode='zeros' and numeric "
                              f"padding only, got groups={groups!r}, padding_mode={padding_mode!r}, "
                              f"padding={padding!r}")
-        if fill not in FILLS or impl not in IMPLS:
-            raise ValueError(f"fill must be one of {FILLS} and impl one of {IMPLS}, "
-                             f"got fill={fill!r}, impl={impl!r}")
+        check_choice(fill, "fill", FILLS)
+        check_choice(impl, "impl", IMPLS)
         check_fraction(nan_threshold, "nan_threshold")
         check_nonnegative(sigma, "sigma")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,

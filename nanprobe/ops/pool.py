@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._args import IntPair, check_input, check_nonnegative, pair, pool_output_size
+from ._args import (
+    IntPair,
+    check_input,
+    check_nonnegative,
+    check_tie_limit,
+    pair,
+    pool_output_size,
+)
 
 
 def _pool_geometry(
@@ -111,9 +118,7 @@ def nan_max_pool2d(
     """
     x4, squeeze = check_input(x)
     k, s, p = _pool_geometry(kernel_size, stride, padding)
-    if tie_limit is not None and (isinstance(tie_limit, bool) or not isinstance(tie_limit, int)
-                                  or tie_limit < 1):
-        raise ValueError(f"tie_limit must be None or an int >= 1, got {tie_limit!r}")
+    check_tie_limit(tie_limit)
     tie_eps = check_nonnegative(tie_eps, "tie_eps")
     tie_rtol = check_nonnegative(tie_rtol, "tie_rtol")
     h, w = x4.shape[-2:]
