@@ -29,11 +29,8 @@ common 2x2/stride-2 case); ``audit.json`` records which source each layer used.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .jsonio import json_safe, write_json
 from .ops import nan_max_pool2d
 from .ops.pool import _tie_count
 from .run import Run
@@ -58,49 +56,6 @@ DEFAULT_RTOL: tuple[float, ...] = (0.0, 1e-6, 1e-5, 1e-4)
 Pair = tuple[int, int]
 Geometry = tuple[Pair, Pair, Pair]  # kernel, stride, padding as (h, w) pairs
 GeometrySpec = int | Sequence[int] | Sequence[Sequence[int]]
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON helpers
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with numpy scalars/arrays as Python values, tuples as lists, NaN/inf as None."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.bool_ | bool):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating | float):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` (made :func:`json_safe`) to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is not
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _ratio(num: float, den: float) -> float | None:

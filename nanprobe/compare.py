@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .audit import json_safe, pool_groups, scores, scores_from_counts, unstable_windows, write_json
+from .audit import pool_groups, scores, scores_from_counts, unstable_windows
+from .jsonio import json_safe, write_json
 from .run import Run
 
 COMPARE_FORMAT = "nanprobe-compare/1"

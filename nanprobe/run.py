@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -27,6 +26,7 @@ import torch
 
 from . import __version__
 from .capture import dry_shapes, select_layers
+from .jsonio import json_safe, write_json
 from .worker import JOB_FORMAT, model_and_input, run_job
 
 BACKENDS = ("inprocess", "verrou")
@@ -83,15 +83,6 @@ def sample_path(run_dir: Path, sample: int) -> Path:
     return run_dir / "samples" / f"sample-{sample:04d}.h5"
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _check_writable(run_dir: Path) -> None:
     try:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -146,7 +137,7 @@ def _verrou_executor(spec: RunSpec, run_dir: Path, valgrind: str | None, timeout
         mode = "nearest" if job["sample"] < 0 else spec.backend.get("rounding_mode", "random")
         job_path = jobs_dir / f"{stem}.json"
         inv = verrou.worker_invocation(exe, job_path, rounding_mode=mode, seed=job["seed"])
-        _atomic_write_json(job_path, {**job, "backend_provenance": inv.provenance})
+        write_json(job_path, {**job, "backend_provenance": inv.provenance})
         result = verrou.run_worker(inv.cmd, inv.env, timeout=timeout,
                                    log_path=jobs_dir / f"{stem}.log")
         if not result.ok:
@@ -204,13 +195,16 @@ def mca_run(
                          f"largest per file: {top}; select fewer --layers or --slices")
     loaded, prepared = model_and_input(spec_dict)
     layers = select_layers(loaded.model, spec.layers)
-    _atomic_write_json(manifest, {
+    content = {
         "format": "nanprobe-run/1", "spec": spec_dict, "layers": layers,
         "input": prepared.provenance(), "weights_sha256": loaded.weights_sha256,
         "nanprobe_version": __version__, "torch_version": torch.__version__,
         "estimated_bytes_per_file": total_bytes,
-        "created": datetime.now(timezone.utc).isoformat(),
-    })
+    }
+    old = json.loads(manifest.read_text()) if manifest.exists() else {}
+    if {k: v for k, v in old.items() if k != "created"} != json_safe(content):
+        write_json(manifest, {**content, "created": datetime.now(timezone.utc).isoformat()})
+    # else: a resumed run keeps its manifest (and its mtime, which later steps compare with)
 
     todo = [s for s in range(-1, spec.samples) if not sample_path(run_dir, s).exists()]
     job_list = [{"format": JOB_FORMAT, "spec": spec_dict, "sample": s,
