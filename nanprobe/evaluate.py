@@ -33,15 +33,42 @@ def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int) -> li
     return scores
 
 
+def classification_scores(pred: np.ndarray, target: np.ndarray,
+                          num_classes: int) -> dict[str, float]:
+    """Accuracy and macro precision, recall and F1 over classes ``0..num_classes-1``.
+
+    ``pred``/``target``: (N,) integer labels; a prediction outside the classes (e.g. -1 for an
+    all-NaN output) is wrong. Classes absent from both contribute nothing to the macro means;
+    a class never predicted has precision 0 (likewise recall for one never present).
+    """
+    pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
+    precision, recall, f1 = [], [], []
+    for c in range(num_classes):
+        p, t = pred == c, target == c
+        tp, n_p, n_t = int((p & t).sum()), int(p.sum()), int(t.sum())
+        if n_p + n_t == 0:
+            continue
+        precision.append(tp / n_p if n_p else 0.0)
+        recall.append(tp / n_t if n_t else 0.0)
+        f1.append(2.0 * tp / (n_p + n_t))
+    return {"accuracy": float((pred == target).mean()), "precision": float(np.mean(precision)),
+            "recall": float(np.mean(recall)), "f1": float(np.mean(f1))}
+
+
 def mean_foreground_dice(scores: Sequence[float]) -> float:
     """Mean of per-class Dice scores over the classes except background (class 0)."""
     return float(np.nanmean(np.asarray(scores[1:], dtype=float)))
 
 
-def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median seconds of each function over ``repeats`` interleaved rounds (after a warm-up)."""
-    for fn in fns:
-        fn()
+def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
+                      warmup: bool = True) -> list[float]:
+    """Median seconds of each function over ``repeats`` interleaved rounds.
+
+    ``warmup`` first calls each function once untimed (skip it when they just ran).
+    """
+    if warmup:
+        for fn in fns:
+            fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
