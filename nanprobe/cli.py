@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
             message = " ".join(str(err).split()) or type(err).__name__
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -223,6 +224,173 @@ def compare(
 
     for line in summary_lines(compare_runs(run_a, run_b, out=out)):
         typer.echo(line)
+
+
+THRESHOLDS_HELP = ("nan_threshold values to sweep (repeatable; default 1, 0.9, 0.85, 0.75, 0.65, "
+                   "0.5).")
+FILLS_HELP = "Fills to sweep: mean (approach A) and/or noisy_max (B) (repeatable; default both)."
+TOLERANCE_HELP = ("Allowed loss of mean foreground Dice (segmentation, default 0.001) or accuracy "
+                  "(classification, default 0.005).")
+AGAINST_HELP = ("Measure the loss against ground-truth 'labels', the 'plain' model, or 'auto' "
+                "(labels when the input has them).")
+REPEATS_HELP = "Timed repetitions per setting (interleaved with the plain model)."
+
+
+@app.command()
+@friendly_errors
+def calibrate(
+    model: Annotated[str, typer.Argument(
+        help="Model: default | mnist | fastsurfer-vinn | fastsurfer-cnn | package.module:factory."
+    )] = "default",
+    input: Annotated[str, typer.Argument(
+        help="Input: default (bundled brain / MNIST digits), a NIfTI/MGZ volume or an .npy "
+        "array (S, C, H, W).")] = "default",
+    out: Annotated[Path, typer.Option(
+        help="Directory for calibration.json and thresholds.json (e.g. a run directory, so "
+        "`nanprobe report` finds them).")] = Path("nanprobe-run"),
+    thresholds: Annotated[list[float] | None, typer.Option(
+        "--threshold", min=0.0, max=1.0, help=THRESHOLDS_HELP)] = None,
+    fills: Annotated[list[str] | None, typer.Option("--fill", help=FILLS_HELP)] = None,
+    pooling: Annotated[Path | None, typer.Option(
+        help="audit.json (or a run directory) with the calibrated pooling settings; default: "
+        "OUT/audit.json when it exists, else nanify's defaults.")] = None,
+    tolerance: Annotated[float | None, typer.Option(min=0.0, max=1.0,
+                                                    help=TOLERANCE_HELP)] = None,
+    against: Annotated[str, typer.Option(help=AGAINST_HELP)] = "auto",
+    slices: Annotated[str | None, typer.Option(
+        help="Slices (MRI) or samples (arrays) to calibrate on: START:STOP[:STEP], I,J,K or I "
+        "(default: 8 coronal slices across the bundled brain / 1000 MNIST digits / all).")
+    ] = None,
+    view: Annotated[str | None, typer.Option(help="MRI view: axial, coronal or sagittal.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Weights file (FastSurfer .pkl, or a state_dict for default/mnist).")] = None,
+    trust: Annotated[bool, typer.Option(
+        help="Allow full unpickling of a checkpoint that needs it (runs code from the file).")
+    ] = False,
+    repeats: Annotated[int, typer.Option(min=1, help=REPEATS_HELP)] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices/samples per forward pass.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the noisy_max fill.")] = 0,
+) -> None:
+    """Sweep NaN thresholds x fills: skipped work, agreement and speed vs the plain model.
+
+    Recommends the setting that skips the most while its loss stays within --tolerance and
+    writes it as OUT/thresholds.json (for `nanify(config=...)` and `mca-run --nanify`); all
+    numbers go to OUT/calibration.json.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .calibrate import DEFAULT_THRESHOLDS, FILLS, summary_lines
+    from .calibrate import calibrate as run_calibration
+
+    if pooling is None and (out / "audit.json").is_file():
+        pooling = out / "audit.json"
+    with Progress(TextColumn("[bold]calibrate"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} settings"), TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task("calibrate", total=None)
+        result = run_calibration(
+            model, input, out, slices=slices, view=view, checkpoint=checkpoint, trust=trust,
+            thresholds=tuple(thresholds) if thresholds else DEFAULT_THRESHOLDS,
+            fills=tuple(fills) if fills else FILLS, pooling=pooling, tolerance=tolerance,
+            against=against, repeats=repeats, batch_size=batch_size, seed=seed,
+            on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    for line in summary_lines(result):
+        typer.echo(line)
+    written = [out / "calibration.json"]
+    if result["thresholds_file"]:
+        written.append(out / result["thresholds_file"])
+    typer.echo(f"wrote {' and '.join(map(str, written))}")
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `nanprobe mca-run`.")],
+) -> None:
+    """One self-contained HTML page of a run: recommendation, sigdigit maps, pooling audit,
+    threshold sweep, skips per layer and slice, speed and provenance.
+
+    Writes RUN_DIR/report.html, RUN_DIR/report.json and figures in RUN_DIR/report/; steps not
+    run yet (sigdigits, audit, calibrate) are named in the report.
+    """
+    from .report import write_report
+
+    html_path, json_path = write_report(run_dir)
+    typer.echo(f"wrote {html_path} and {json_path}")
+
+
+@app.command()
+@friendly_errors
+def analyze(
+    model: Annotated[str, typer.Argument(
+        help="Model: default | mnist | fastsurfer-vinn | fastsurfer-cnn | package.module:factory."
+    )] = "default",
+    input: Annotated[str, typer.Argument(
+        help="Input: default (bundled brain / MNIST digits), a NIfTI/MGZ volume or an .npy "
+        "array (S, C, H, W).")] = "default",
+    out: Annotated[Path, typer.Option(
+        help="Analysis directory (the MCA run and every result; rerun to resume).")] = Path(
+        "nanprobe-analysis"),
+    samples: Annotated[int, typer.Option(min=2, help="MCA samples N.")] = 10,
+    slices: Annotated[str | None, typer.Option(
+        help="Slices/samples of the MCA run (default: 2 central MRI slices / 32 digits).")
+    ] = None,
+    calibration_slices: Annotated[str | None, typer.Option(
+        help="Slices/samples of the threshold sweep (default: 8 coronal slices across the "
+        "bundled brain / 1000 MNIST digits / all).")] = None,
+    view: Annotated[str | None, typer.Option(help="MRI view: axial, coronal or sagittal.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Weights file (FastSurfer .pkl, or a state_dict for default/mnist).")] = None,
+    trust: Annotated[bool, typer.Option(
+        help="Allow full unpickling of a checkpoint that needs it (runs code from the file).")
+    ] = False,
+    thresholds: Annotated[list[float] | None, typer.Option(
+        "--threshold", min=0.0, max=1.0, help=THRESHOLDS_HELP)] = None,
+    fills: Annotated[list[str] | None, typer.Option("--fill", help=FILLS_HELP)] = None,
+    tolerance: Annotated[float | None, typer.Option(min=0.0, max=1.0,
+                                                    help=TOLERANCE_HELP)] = None,
+    against: Annotated[str, typer.Option(help=AGAINST_HELP)] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help=REPEATS_HELP)] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the MCA samples and the noisy_max fill.")
+                    ] = 0,
+    jobs: Annotated[int, typer.Option(min=1, help="MCA samples computed in parallel.")] = 1,
+    max_gb: Annotated[float, typer.Option(
+        help="Refuse MCA runs whose capture files would exceed this many GB.")] = 4.0,
+) -> None:
+    """The whole job: MCA run -> sigdigits -> pooling audit -> threshold calibration -> report.
+
+    With no argument: the bundled default U-Net on the bundled brain (a few minutes on 2
+    cores). Ends with the path of OUT/report.html; rerunning resumes and skips finished steps.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .analyze import AnalyzeOptions
+    from .analyze import analyze as run_analysis
+    from .calibrate import DEFAULT_THRESHOLDS, FILLS, recommendation_line
+
+    opts = AnalyzeOptions(
+        model=model, input=input, samples=samples, slices=slices,
+        calibration_slices=calibration_slices, view=view,
+        checkpoint=str(checkpoint) if checkpoint else None, trust=trust, seed=seed, jobs=jobs,
+        max_gb=max_gb, thresholds=tuple(thresholds) if thresholds else DEFAULT_THRESHOLDS,
+        fills=tuple(fills) if fills else FILLS, tolerance=tolerance, against=against,
+        repeats=repeats)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
+                  console=err_console) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_step(name: str, skipped: bool) -> None:
+            note = " (up to date)" if skipped else ""
+            bar.console.print(f"[bold]{name}[/]{note}")
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done, total=total)
+
+        html_path = run_analysis(opts, out, on_step=on_step, on_progress=on_progress)
+    typer.echo(recommendation_line(json.loads((out / "calibration.json").read_text())))
+    typer.echo(f"report: {html_path}")
 
 
 def run() -> None:  # pragma: no cover - console script entry for `python -m nanprobe`

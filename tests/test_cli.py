@@ -12,7 +12,8 @@ from nanprobe.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["mca-run"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["mca-run"], ["sigdigits"], ["audit"],
+                                     ["compare"], ["calibrate"], ["report"], ["analyze"]])
 def test_help_explains_every_option(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
@@ -63,3 +64,48 @@ def test_analysis_commands_reject_a_non_run(tmp_path):
     for command in (["sigdigits", str(tmp_path)], ["audit", str(tmp_path)]):
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and "run.json" in result.output, result.output
+
+
+def test_analyze_runs_every_step_then_resumes(tmp_path):
+    out = tmp_path / "analysis"
+    args = ["analyze", "mnist", "default", "--out", str(out), "--samples", "2",
+            "--slices", "0:2", "--calibration-slices", "0:16", "--threshold", "1",
+            "--threshold", "0.5", "--fill", "mean", "--repeats", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("run.json", "sigdigits.h5", "audit.json", "calibration.json", "report.html",
+                 "report.json"):
+        assert (out / name).is_file(), name
+    assert result.output.strip().endswith(f"report: {out / 'report.html'}")
+    assert "recommended" in result.output or "no setting" in result.output
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["provenance"]["pooling_source"] == str(out / "audit.json")
+    assert [s["nan_threshold"] for s in cal["settings"]] == [1.0, 0.5]
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".h5", ".json")
+              and p.name not in ("report.json",)}
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("(up to date)") == 4  # mca-run, sigdigits, audit, calibrate
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+    changed = runner.invoke(app, [*args[:-2], "--repeats", "2"])  # new option: recalibrate
+    assert changed.exit_code == 0, changed.output
+    assert changed.output.count("(up to date)") == 3
+    assert json.loads((out / "calibration.json").read_text())["provenance"]["repeats"] == 2
+
+
+def test_calibrate_and_report_commands(tmp_path):
+    result = runner.invoke(app, ["calibrate", "mnist", "default", "--out", str(tmp_path),
+                                 "--slices", "0:8", "--threshold", "1", "--fill", "mean",
+                                 "--repeats", "1", "--tolerance", "1"])
+    assert result.exit_code == 2 and "tolerance" in result.output  # 1 is not < 1
+    result = runner.invoke(app, ["calibrate", "default", "default", "--out", str(tmp_path),
+                                 "--slices", "128", "--threshold", "1", "--fill", "mean",
+                                 "--repeats", "1", "--tolerance", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert "recommended: nan_threshold=1.0 fill=mean" in result.output
+    config = json.loads((tmp_path / "thresholds.json").read_text())
+    assert config["defaults"]["nan_threshold"] == 1.0
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a nanprobe run directory" in result.output
