@@ -243,10 +243,12 @@ def test_missing_steps_are_named(run_copy):
     check_self_contained(text, page)
     assert page.images == []
     report = strict_json(json_path)
-    for step in ("sigdigits", "audit", "calibrate"):
-        note = f"not computed — run <code>nanprobe {step} {run_copy}</code>"
-        assert note in text, step
-        assert report["missing"][step] == f"not computed — run `nanprobe {step} {run_copy}`"
+    commands = {"sigdigits": f"nanprobe sigdigits {run_copy}",
+                "audit": f"nanprobe audit {run_copy}",
+                "calibrate": f"nanprobe calibrate mnist mnist --out {run_copy}"}
+    for step, command in commands.items():
+        assert f"not computed — run <code>{command}</code>" in text, step
+        assert report["missing"][step] == f"not computed — run `{command}`"
     for key in ("sigdigits", "audit", "sweep", "layers", "slices", "speed"):
         assert report[key] is None
     assert report["figures"] == {} and report["summary"]["recommendation"] is None
