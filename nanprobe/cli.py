@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -131,6 +132,41 @@ def mca_run_cmd(
         help="Seconds before a Verrou worker is killed (it is retried once).")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace a run with a different spec in --out.")] = False,
+    executor: Annotated[str, typer.Option(
+        help="Where samples run: local (processes on this machine, see --jobs) or dask (one "
+        "Dask task per sample; needs `pip install nanprobe[dask]`).")] = "local",
+    scheduler: Annotated[str | None, typer.Option(
+        help="--executor dask: address of a running Dask scheduler, tcp://HOST:PORT.")] = None,
+    cluster: Annotated[str | None, typer.Option(
+        help="--executor dask: start a cluster: local (one-thread worker processes here; the "
+        "default without --scheduler) or slurm (worker jobs via dask-jobqueue).")] = None,
+    workers: Annotated[int, typer.Option(
+        min=1, help="--executor dask: workers to start (one thread each).")] = 2,
+    cluster_config: Annotated[Path | None, typer.Option(
+        help="--cluster slurm: YAML settings (queue, account, walltime, cores, memory, "
+        "job-extra, image, ...); see docker/slurm-cluster.yaml.")] = None,
+    queue: Annotated[str | None, typer.Option(
+        help="--cluster slurm: partition (overrides --cluster-config).")] = None,
+    account: Annotated[str | None, typer.Option(
+        help="--cluster slurm: account to charge.")] = None,
+    walltime: Annotated[str | None, typer.Option(
+        help="--cluster slurm: time limit of each worker job, e.g. 02:00:00.")] = None,
+    cores: Annotated[int | None, typer.Option(
+        min=1, help="--cluster slurm: cores per worker job (= one-thread workers per job).")
+    ] = None,
+    memory: Annotated[str | None, typer.Option(
+        help="--cluster slurm: memory per worker job, e.g. 16GB.")] = None,
+    job_extra: Annotated[list[str] | None, typer.Option(
+        "--job-extra", help="--cluster slurm: extra #SBATCH directive (repeatable), e.g. "
+        "--job-extra=--qos=normal.")] = None,
+    image: Annotated[str | None, typer.Option(
+        help="--cluster slurm: Apptainer image (.sif) the workers run in.")] = None,
+    gather: Annotated[bool, typer.Option(
+        help="--executor dask: workers send each file back and this process writes it (no "
+        "filesystem shared with the workers needed).")] = False,
+    retries: Annotated[int, typer.Option(
+        min=0, help="--executor dask: reruns of a sample whose task failed or whose worker "
+        "died, before it is reported as failed.")] = 2,
 ) -> None:
     """Run MODEL on INPUT N times under Monte Carlo Arithmetic, capturing every layer to HDF5.
 
@@ -148,11 +184,23 @@ def mca_run_cmd(
                    checkpoint=str(checkpoint) if checkpoint else None, view=view, slices=slices,
                    layers=list(layers) if layers else None,
                    nanify=str(nanify) if nanify else None, trust=trust, batch_size=batch_size)
-    with Progress(TextColumn("[bold]mca-run"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total} files"), TimeRemainingColumn(), console=err_console) as bar:
+    if executor not in ("local", "dask"):
+        raise ValueError(f"--executor must be local or dask, got {executor!r}")
+    run_executor = contextlib.nullcontext()
+    if executor == "dask":
+        from .distributed import dask_executor
+
+        run_executor = dask_executor(
+            cluster=cluster, scheduler=scheduler, workers=workers, cluster_config=cluster_config,
+            slurm={"queue": queue, "account": account, "walltime": walltime, "cores": cores,
+                   "memory": memory, "job_extra": job_extra or None, "image": image},
+            gather=gather, retries=retries, run_dir=out)
+    with run_executor as dask_run, Progress(
+            TextColumn("[bold]mca-run"), BarColumn(), TextColumn("{task.completed}/"
+            "{task.total} files"), TimeRemainingColumn(), console=err_console) as bar:
         task = bar.add_task("mca-run", total=samples + 1)
         result = mca_run(spec, out, jobs=jobs, overwrite=overwrite, max_gb=max_gb,
-                         valgrind=valgrind, timeout=timeout,
+                         valgrind=valgrind, timeout=timeout, executor=dask_run,
                          on_progress=lambda done, total: bar.update(task, completed=done))
     typer.echo(f"run complete: {result.path} ({len(result.sample_paths)} samples + reference)")
 

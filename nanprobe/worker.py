@@ -1,7 +1,7 @@
 """Run one sample (or the reference) of an MCA run and write its capture file atomically.
 
-Used in process (in-process backend) and as ``python -m nanprobe.worker JOB.json`` under
-Valgrind/Verrou. A job is plain JSON (never pickle)::
+Used in process (in-process backend), in Dask workers (:mod:`nanprobe.distributed`) and as
+``python -m nanprobe.worker JOB.json`` under Valgrind/Verrou. A job is plain JSON (never pickle)::
 
     {"format": "nanprobe-job/1", "spec": {...RunSpec...}, "sample": 3,   # -1: reference
      "seed": 123456, "out": "RUN/samples/sample-0003.h5", "layers": ["enc.conv0", ...],
@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import h5py
@@ -86,24 +89,36 @@ def _attrs(loaded: LoadedModel, prepared: PreparedInput, job: dict) -> dict:
     }
 
 
-def run_job(job: dict) -> str:
-    """Run one job; the output appears at ``job["out"]`` only once complete. Returns its path."""
+def _check_format(job: dict) -> None:
     if job.get("format") != JOB_FORMAT:
         raise ValueError(f"not a nanprobe job (format {job.get('format')!r}, "
                          f"expected {JOB_FORMAT!r})")
-    out = Path(job["out"])
+
+
+def _write_capture(job: dict, path: Path) -> None:
+    """Run ``job`` and write its capture file to ``path`` (created or truncated)."""
     loaded, prepared = model_and_input(job["spec"])
     names = select_layers(loaded.model, job["layers"])
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
+    with h5py.File(path, "w") as h5:
+        h5.attrs.update(_attrs(loaded, prepared, job))
+        capture(loaded.model, prepared.tensor, h5, names,
+                batch_size=job["spec"].get("batch_size", 4),
+                context=_perturbation(job["spec"], job["sample"], job["seed"]))
+        h5.attrs["finished"] = datetime.now(timezone.utc).isoformat()
+        h5.attrs["seconds"] = time.perf_counter() - t0
+
+
+def write_atomic(out: str | Path, fill: Callable[[Path], object]) -> str:
+    """Let ``fill(tmp)`` write a temporary sibling of ``out``, fsync it, rename it to ``out``.
+
+    ``out`` appears only complete. The temporary, ``.NAME.tmp-HOST-PID`` (unique across the
+    machines of a cluster; mca_run removes leftovers as stale), is removed on error.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as h5:
-            h5.attrs.update(_attrs(loaded, prepared, job))
-            capture(loaded.model, prepared.tensor, h5, names,
-                    batch_size=job["spec"].get("batch_size", 4),
-                    context=_perturbation(job["spec"], job["sample"], job["seed"]))
-            h5.attrs["finished"] = datetime.now(timezone.utc).isoformat()
-            h5.attrs["seconds"] = time.perf_counter() - t0
+        fill(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -111,6 +126,25 @@ def run_job(job: dict) -> str:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return str(out)
+
+
+def run_job(job: dict) -> str:
+    """Run one job; the output appears at ``job["out"]`` only once complete. Returns its path."""
+    _check_format(job)
+    return write_atomic(job["out"], partial(_write_capture, job))
+
+
+def run_job_bytes(job: dict) -> bytes:
+    """Run one job into a private temporary file and return the file's content.
+
+    ``job["out"]`` is not touched: the caller writes the bytes there (e.g. a Dask client
+    gathering results from workers without a shared filesystem, with :func:`write_atomic`).
+    """
+    _check_format(job)
+    with tempfile.TemporaryDirectory(prefix="nanprobe-job-") as tmp:
+        path = Path(tmp) / "capture.h5"
+        _write_capture(job, path)
+        return path.read_bytes()
 
 
 def main(argv: list[str] | None = None) -> int:
