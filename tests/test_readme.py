@@ -1,4 +1,4 @@
-"""README's set-up commands stay true: CI runs the same test command, the CLI has the demo."""
+"""README's set-up commands stay true: CI runs the same test command, the CLI has the job."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ def test_readme_gives_the_ci_test_command_verbatim():
     assert _ci_test_command() in readme
 
 
-def test_readme_main_job_command_installs_and_runs_the_demo():
+def test_readme_main_job_command_installs_and_runs_analyze():
+    from nanprobe.cli import app
+
     readme = (ROOT / "README.md").read_text()
     first = next(ln for ln in readme.splitlines() if ln.startswith("python3 -m venv"))
-    assert "pip install -q torch==2.13.0" in first and first.rstrip().endswith("nanprobe demo")
+    assert "pip install -q torch==2.13.0" in first and first.rstrip().endswith("nanprobe analyze")
+    assert "analyze" in {c.name or c.callback.__name__ for c in app.registered_commands}
