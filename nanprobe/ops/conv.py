@@ -329,10 +329,9 @@ def _add_mean_fill(
     count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
     if layout.pixel_uniform:
         rows, cols, inside = _taps(g, where, x.shape[-2:])
-        nan_pixel = layout.per_pixel[:, 0] > 0  # (N, H, W)
-        pixel_sum = x.sum(1).masked_fill_(nan_pixel, 0)[pn[:, None], rows, cols]
-        mean = pixel_sum.masked_fill_(~inside, 0).sum(1) / count
-        nan_taps = nan_pixel[pn[:, None], rows, cols] & inside  # (P, T)
+        nan_taps = (layout.per_pixel[pn[:, None], 0, rows, cols] > 0) & inside  # (P, T)
+        pixel_sum = x[pn[:, None], :, rows, cols].sum(2)  # (P, T): NaN at NaN pixels
+        mean = pixel_sum.masked_fill_(nan_taps | ~inside, 0).sum(1) / count
         tap_weight = weight.sum(1).reshape(cout, -1).T  # (T, C_out)
         y[pn, :, pr, pc] += (nan_taps.to(x.dtype) @ tap_weight) * mean[:, None]
     elif len(pn) * weight[0].numel() <= x.numel() // 2:
