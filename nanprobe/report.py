@@ -211,7 +211,8 @@ def _calibration_sections(cal: Mapping[str, Any] | None) -> dict[str, Any]:
     if rec is not None and not 0 <= rec < len(settings):
         raise ValueError(f"calibration.json: recommended={rec} is not an index of its "
                          f"{len(settings)} settings")
-    sweep = {k: cal.get(k) for k in ("task", "metric", "tolerance", "pooling", "class_names",
+    sweep = {k: cal.get(k) for k in ("task", "metric", "tolerance", "loss_against", "pooling",
+                                     "class_names",
                                      "recommended", "thresholds_file", "plain")}
     sweep["settings"] = settings
     speed = {"plain_seconds": cal["plain"]["seconds"],
@@ -260,6 +261,7 @@ def _recommendation(cal: Mapping[str, Any]) -> dict[str, Any] | None:
             "skip": s["skip"], "speedup": s["speedup"], "seconds_plain": cal["plain"]["seconds"],
             "seconds_nanified": s["seconds"], "metric": cal["metric"],
             "agreement": s["agreement"], "loss": s["loss"], "tolerance": cal["tolerance"],
+            "loss_against": cal.get("loss_against", "plain"),
             "vs_labels": s.get("vs_labels"), "plain_vs_labels": cal["plain"].get("vs_labels")}
 
 
@@ -351,7 +353,8 @@ def write_figures(report: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
     paths = {"sweep": plot_sweep(sweep["settings"], folder / "sweep.png",
                                  recommended=sweep["recommended"],
                                  tolerance=float(sweep["tolerance"]),
-                                 metric=_metric_name(metric))}
+                                 metric=_metric_name(metric),
+                                 against=sweep.get("loss_against") or "plain")}
     rows = [r for r in layers["rows"] if r["layer"] != "all convs"]
     if rows:
         paths["layers"] = plot_layer_skip(rows, folder / "layer_skip.png",
@@ -475,8 +478,9 @@ def _summary_html(report: Mapping[str, Any], run_dir: Path) -> str:
     elif s["recommendation"] is None:
         sweep = report["sweep"]
         parts.append(_p(f"No setting within tolerance: every setting loses more than "
-                        f"{sweep['tolerance']:g} of {_metric_name(sweep['metric'])} against the "
-                        "plain model, so nothing is recommended (see the sweep).", cls="warn"))
+                        f"{sweep['tolerance']:g} of {_metric_name(sweep['metric'])} against "
+                        f"{_against(sweep.get('loss_against'))}, so nothing is recommended "
+                        "(see the sweep).", cls="warn"))
     else:
         parts.append(_recommendation_html(s["recommendation"]))
     parts.append("<h3>At a glance</h3>")
@@ -492,6 +496,11 @@ def _options(options: Mapping[str, Any]) -> str:
                      else f"{k}={options[k]}" for k in keys)
 
 
+def _against(loss_against: str | None) -> str:
+    """What a calibration's loss was measured against, in words."""
+    return "the ground-truth labels" if loss_against == "labels" else "the plain model"
+
+
 def _recommendation_html(r: Mapping[str, Any]) -> str:
     metric, key = _metric_name(r["metric"]), r["metric"]
     items = [
@@ -499,8 +508,9 @@ def _recommendation_html(r: Mapping[str, Any]) -> str:
              _pct(r["skip"]["macs"]), " of the conv MACs)."),
         _cat(f"Measured speed-up {r['speedup']:.2f}× (plain ", _ms(r["seconds_plain"]),
              ", nanified ", _ms(r["seconds_nanified"]), ", interleaved medians)."),
-        _cat(f"Agreement with the plain model: {metric} ", _num(r["agreement"][key]),
-             f" (loss {_num(r['loss'])} ≤ tolerance {r['tolerance']:g})."),
+        _cat(f"Agreement with the plain model: {metric} ", _num(r["agreement"][key]), "."),
+        _cat(f"Loss of {metric} against {_against(r['loss_against'])}: ", _num(r["loss"]),
+             f" ≤ tolerance {r['tolerance']:g}."),
     ]
     if r["vs_labels"] is not None and r["plain_vs_labels"] is not None:
         items.append(_cat(f"Against the ground-truth labels: {metric} plain ",

@@ -30,13 +30,16 @@ def _marker(fill: str, seen: dict[str, str]) -> str:
 
 
 def plot_sweep(settings: Sequence[Mapping[str, Any]], path: str | Path, *,
-               recommended: int | None, tolerance: float, metric: str) -> Path:
+               recommended: int | None, tolerance: float, metric: str,
+               against: str = "plain") -> Path:
     """Skipped conv MACs vs agreement loss, one point per setting (marker per fill).
 
     Each point is labelled with its ``nan_threshold``; the recommended setting is ringed and
     the tolerance drawn as a dashed line; settings with an undefined loss are left out.
-    ``metric``: the agreement metric's display name. The loss axis is linear up to the
-    tolerance and logarithmic above, so small losses and large ones both show.
+    ``metric``: the agreement metric's display name; ``against``: what the loss is measured
+    against (``"plain"`` model or ground-truth ``"labels"``). The loss axis is linear within
+    +-tolerance and logarithmic beyond, so small, large and negative losses (the nanified model
+    agreeing better with the labels) all show.
     """
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
@@ -58,9 +61,12 @@ def plot_sweep(settings: Sequence[Mapping[str, Any]], path: str | Path, *,
                 linestyle="none", label="recommended")
     ax.axhline(tolerance, color="grey", linestyle="--", label=f"tolerance {tolerance:g}")
     ax.set_xlabel("conv MACs skipped (%)")
-    ax.set_ylabel(f"loss of {metric} vs the plain model")
+    target = "the plain model" if against == "plain" else "the labels"
+    ax.set_ylabel(f"loss of {metric} vs {target}")
     ax.set_yscale("symlog", linthresh=max(tolerance, 1e-4))
-    ax.set_ylim(bottom=0)
+    losses = [v for v in _values(settings, "loss") if not np.isnan(v)]
+    if not losses or min(losses) >= 0:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Sweep: work skipped vs agreement lost (labels: nan_threshold)", fontsize=10)
