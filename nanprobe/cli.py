@@ -59,6 +59,33 @@ def main(
     """nanprobe: measure where a CNN computes on noise (MCA), and skip that work (NaN ops)."""
 
 
+# options shared by several commands (one definition, one help text)
+ModelArg = Annotated[str, typer.Argument(
+    help="Model: default | mnist | fastsurfer-vinn | fastsurfer-cnn | package.module:factory.")]
+InputArg = Annotated[str, typer.Argument(
+    help="Input: default (the bundled brain, or MNIST digits for mnist), a NIfTI/MGZ volume or an "
+    ".npy array (S, C, H, W).")]
+ViewOpt = Annotated[str | None, typer.Option(help="MRI view: axial, coronal or sagittal.")]
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    help="Weights file (FastSurfer .pkl, or a state_dict for default/mnist).")]
+TrustOpt = Annotated[bool, typer.Option(
+    help="Allow full unpickling of a checkpoint that needs it (runs code from the file).")]
+ThresholdsOpt = Annotated[list[float] | None, typer.Option(
+    "--threshold", min=0.0, max=1.0, help="nan_threshold values to sweep (repeatable; default 1, "
+    "0.9, 0.85, 0.75, 0.65, 0.5).")]
+FillsOpt = Annotated[list[str] | None, typer.Option(
+    "--fill", help="Fills to sweep: mean (approach A) and/or noisy_max (B) (repeatable; default "
+    "both).")]
+ToleranceOpt = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Allowed loss of mean foreground Dice (segmentation, default 0.001) "
+    "or accuracy (classification, default 0.005).")]
+AgainstOpt = Annotated[str, typer.Option(
+    help="Measure the loss against ground-truth 'labels', the 'plain' model, or 'auto' (labels "
+    "when the input has them).")]
+RepeatsOpt = Annotated[int, typer.Option(
+    min=1, help="Timed repetitions per setting (interleaved with the plain model).")]
+
+
 @app.command()
 @friendly_errors
 def demo(
@@ -87,12 +114,8 @@ def demo(
 @app.command("mca-run")
 @friendly_errors
 def mca_run_cmd(
-    model: Annotated[str, typer.Argument(
-        help="Model: default | mnist | fastsurfer-vinn | fastsurfer-cnn | package.module:factory."
-    )] = "default",
-    input: Annotated[str, typer.Argument(
-        help="Input: default (the bundled brain, or MNIST digits for mnist), a NIfTI/MGZ volume "
-        "or an .npy array (S, C, H, W).")] = "default",
+    model: ModelArg = "default",
+    input: InputArg = "default",
     samples: Annotated[int, typer.Option(min=1, help="Number of perturbed samples N.")] = 10,
     out: Annotated[Path, typer.Option(help="Run directory (created; rerun to resume).")] = Path(
         "nanprobe-run"),
@@ -112,12 +135,9 @@ def mca_run_cmd(
         "conv, pool, unpool and top-level block).")] = None,
     slices: Annotated[str | None, typer.Option(
         help="Slices (MRI) or samples (arrays) to run: START:STOP[:STEP], I,J,K or I.")] = None,
-    view: Annotated[str | None, typer.Option(help="MRI view: axial, coronal or sagittal.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Weights file (FastSurfer .pkl, or a state_dict for default/mnist).")] = None,
-    trust: Annotated[bool, typer.Option(
-        help="Allow full unpickling of a checkpoint that needs it (runs code from the file).")
-    ] = False,
+    view: ViewOpt = None,
+    checkpoint: CheckpointOpt = None,
+    trust: TrustOpt = False,
     nanify: Annotated[Path | None, typer.Option(
         help="thresholds.json: run the nanified model (NaN ops) instead of the plain one.")
     ] = None,
@@ -274,48 +294,31 @@ def compare(
         typer.echo(line)
 
 
-THRESHOLDS_HELP = ("nan_threshold values to sweep (repeatable; default 1, 0.9, 0.85, 0.75, 0.65, "
-                   "0.5).")
-FILLS_HELP = "Fills to sweep: mean (approach A) and/or noisy_max (B) (repeatable; default both)."
-TOLERANCE_HELP = ("Allowed loss of mean foreground Dice (segmentation, default 0.001) or accuracy "
-                  "(classification, default 0.005).")
-AGAINST_HELP = ("Measure the loss against ground-truth 'labels', the 'plain' model, or 'auto' "
-                "(labels when the input has them).")
-REPEATS_HELP = "Timed repetitions per setting (interleaved with the plain model)."
 
 
 @app.command()
 @friendly_errors
 def calibrate(
-    model: Annotated[str, typer.Argument(
-        help="Model: default | mnist | fastsurfer-vinn | fastsurfer-cnn | package.module:factory."
-    )] = "default",
-    input: Annotated[str, typer.Argument(
-        help="Input: default (bundled brain / MNIST digits), a NIfTI/MGZ volume or an .npy "
-        "array (S, C, H, W).")] = "default",
+    model: ModelArg = "default",
+    input: InputArg = "default",
     out: Annotated[Path, typer.Option(
         help="Directory for calibration.json and thresholds.json (e.g. a run directory, so "
         "`nanprobe report` finds them).")] = Path("nanprobe-run"),
-    thresholds: Annotated[list[float] | None, typer.Option(
-        "--threshold", min=0.0, max=1.0, help=THRESHOLDS_HELP)] = None,
-    fills: Annotated[list[str] | None, typer.Option("--fill", help=FILLS_HELP)] = None,
+    thresholds: ThresholdsOpt = None,
+    fills: FillsOpt = None,
     pooling: Annotated[Path | None, typer.Option(
         help="audit.json (or a run directory) with the calibrated pooling settings; default: "
         "OUT/audit.json when it exists, else nanify's defaults.")] = None,
-    tolerance: Annotated[float | None, typer.Option(min=0.0, max=1.0,
-                                                    help=TOLERANCE_HELP)] = None,
-    against: Annotated[str, typer.Option(help=AGAINST_HELP)] = "auto",
+    tolerance: ToleranceOpt = None,
+    against: AgainstOpt = "auto",
     slices: Annotated[str | None, typer.Option(
         help="Slices (MRI) or samples (arrays) to calibrate on: START:STOP[:STEP], I,J,K or I "
         "(default: 8 coronal slices across the bundled brain / 1000 MNIST digits / all).")
     ] = None,
-    view: Annotated[str | None, typer.Option(help="MRI view: axial, coronal or sagittal.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Weights file (FastSurfer .pkl, or a state_dict for default/mnist).")] = None,
-    trust: Annotated[bool, typer.Option(
-        help="Allow full unpickling of a checkpoint that needs it (runs code from the file).")
-    ] = False,
-    repeats: Annotated[int, typer.Option(min=1, help=REPEATS_HELP)] = 3,
+    view: ViewOpt = None,
+    checkpoint: CheckpointOpt = None,
+    trust: TrustOpt = False,
+    repeats: RepeatsOpt = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices/samples per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the noisy_max fill.")] = 0,
 ) -> None:
@@ -369,12 +372,8 @@ def report(
 @app.command()
 @friendly_errors
 def analyze(
-    model: Annotated[str, typer.Argument(
-        help="Model: default | mnist | fastsurfer-vinn | fastsurfer-cnn | package.module:factory."
-    )] = "default",
-    input: Annotated[str, typer.Argument(
-        help="Input: default (bundled brain / MNIST digits), a NIfTI/MGZ volume or an .npy "
-        "array (S, C, H, W).")] = "default",
+    model: ModelArg = "default",
+    input: InputArg = "default",
     out: Annotated[Path, typer.Option(
         help="Analysis directory (the MCA run and every result; rerun to resume).")] = Path(
         "nanprobe-analysis"),
@@ -385,19 +384,14 @@ def analyze(
     calibration_slices: Annotated[str | None, typer.Option(
         help="Slices/samples of the threshold sweep (default: 8 coronal slices across the "
         "bundled brain / 1000 MNIST digits / all).")] = None,
-    view: Annotated[str | None, typer.Option(help="MRI view: axial, coronal or sagittal.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Weights file (FastSurfer .pkl, or a state_dict for default/mnist).")] = None,
-    trust: Annotated[bool, typer.Option(
-        help="Allow full unpickling of a checkpoint that needs it (runs code from the file).")
-    ] = False,
-    thresholds: Annotated[list[float] | None, typer.Option(
-        "--threshold", min=0.0, max=1.0, help=THRESHOLDS_HELP)] = None,
-    fills: Annotated[list[str] | None, typer.Option("--fill", help=FILLS_HELP)] = None,
-    tolerance: Annotated[float | None, typer.Option(min=0.0, max=1.0,
-                                                    help=TOLERANCE_HELP)] = None,
-    against: Annotated[str, typer.Option(help=AGAINST_HELP)] = "auto",
-    repeats: Annotated[int, typer.Option(min=1, help=REPEATS_HELP)] = 3,
+    view: ViewOpt = None,
+    checkpoint: CheckpointOpt = None,
+    trust: TrustOpt = False,
+    thresholds: ThresholdsOpt = None,
+    fills: FillsOpt = None,
+    tolerance: ToleranceOpt = None,
+    against: AgainstOpt = "auto",
+    repeats: RepeatsOpt = 3,
     seed: Annotated[int, typer.Option(help="Seed of the MCA samples and the noisy_max fill.")
                     ] = 0,
     jobs: Annotated[int, typer.Option(min=1, help="MCA samples computed in parallel.")] = 1,
