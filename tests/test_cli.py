@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -109,3 +110,23 @@ def test_calibrate_and_report_commands(tmp_path):
     assert config["defaults"]["nan_threshold"] == 1.0
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a nanprobe run directory" in result.output
+
+
+def test_mca_run_nanify_takes_a_thresholds_file(tmp_path):
+    import h5py
+
+    config = tmp_path / "thresholds.json"
+    config.write_text(json.dumps({"format": "nanprobe-thresholds/1",
+                                  "defaults": {"tie_limit": 1, "nan_threshold": 0.5},
+                                  "provenance": {"source": "test"}}))
+    args = ["mca-run", "mnist", "mnist", "--slices", "0:2", "--samples", "1", "--layers",
+            "layers.2", "--out", str(tmp_path / "run")]
+    assert runner.invoke(app, [*args, "--nanify", str(config)]).exit_code == 0
+    with h5py.File(tmp_path / "run" / "reference.h5") as h5:
+        assert h5.attrs["nanify"] == str(config)
+        pooled = h5["layers/layers.2/output"][()]
+    assert np.isnan(pooled).any()  # NaN pooling ran: tied ReLU zeros became NaN
+    plain = runner.invoke(app, [*args[:-1], str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    with h5py.File(tmp_path / "plain" / "reference.h5") as h5:
+        assert not np.isnan(h5["layers/layers.2/output"][()]).any()
