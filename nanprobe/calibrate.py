@@ -131,13 +131,18 @@ class _PerItemSkips:
             h.remove()
 
 
+def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``x`` split along the first axis into chunks of at most ``batch_size`` (views)."""
+    return list(torch.split(x, batch_size))
+
+
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int, nan_label: int,
              probe: _PerItemSkips | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels (items first) and, with a probe, per-item skip fractions (positions, MACs)."""
     labels, pos, macs = [], [], []
     with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            labels.append(labels_from_logits(model(x[start:start + batch_size]), nan_label))
+        for batch in _batches(x, batch_size):
+            labels.append(labels_from_logits(model(batch), nan_label))
             if probe is not None:
                 p, m = probe.take()
                 pos.append(p)
@@ -269,8 +274,9 @@ def calibrate(
     truth = prepared.labels
     plain_vs_labels = (_agreement(task, plain_labels, truth, num_classes)
                        if truth is not None else None)
+    no_truth = [None] * len(prepared.indices)
     plain_items_vs_labels = (_item_agreement(task, plain_labels, truth, num_classes)
-                             if truth is not None else None)
+                             if truth is not None else no_truth)
 
     grid = [(float(t), f) for t in thresholds for f in fills]
     total = len(grid) + 1
@@ -281,14 +287,13 @@ def calibrate(
         nan_model = nanify(copy.deepcopy(plain), nan_threshold=threshold, fill=fill,
                            sigma=sigma, generator=generator, **pool_opts)
         probe = _PerItemSkips(nan_model)
-        skip_stats(nan_model, reset=True)
         labels, item_pos, item_macs = _predict(nan_model, x, batch_size, nan_label, probe)
         probe.remove()
         layers = skip_table(skip_stats(nan_model, reset=True))
         agreement = _agreement(task, labels, plain_labels, num_classes)
         item_agree = _item_agreement(task, labels, plain_labels, num_classes)
         item_truth = (_item_agreement(task, labels, truth, num_classes)
-                      if truth is not None else None)
+                      if truth is not None else no_truth)
         vs_labels = _agreement(task, labels, truth, num_classes) if truth is not None else None
         loss = (plain_vs_labels[METRIC[task]] - vs_labels[METRIC[task]] if against == "labels"
                 else 1.0 - agreement[METRIC[task]])
@@ -298,13 +303,10 @@ def calibrate(
             "skip": {"positions": overall["skipped"], "macs": overall["macs_skipped"]},
             "layers": layers,
             "per_item": [{"index": idx, "skipped": float(p), "macs_skipped": float(m),
-                          "agreement": a,
-                          "vs_labels_plain": plain_items_vs_labels[i] if truth is not None
-                          else None,
-                          "vs_labels_nanified": item_truth[i] if item_truth else None}
-                         for i, (idx, p, m, a) in enumerate(zip(prepared.indices, item_pos,
-                                                                item_macs, item_agree,
-                                                                strict=True))],
+                          "agreement": a, "vs_labels_plain": tp, "vs_labels_nanified": tn}
+                         for idx, p, m, a, tp, tn in zip(
+                             prepared.indices, item_pos, item_macs, item_agree,
+                             plain_items_vs_labels, item_truth, strict=True)],
             "agreement": agreement,
             "vs_labels": vs_labels,
             "loss": loss, "within_tolerance": bool(loss <= tolerance),
@@ -313,11 +315,13 @@ def calibrate(
         if on_progress:
             on_progress(done + 1, total)
 
+    batches = _batches(x, batch_size)
+
     def forward(m: nn.Module) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
-                for start in range(0, x.shape[0], batch_size):
-                    m(x[start:start + batch_size])
+                for batch in batches:
+                    m(batch)
         return run
 
     # every model just ran on x (the skip-counting pass): that was the warm-up

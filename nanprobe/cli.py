@@ -294,8 +294,6 @@ def compare(
         typer.echo(line)
 
 
-
-
 @app.command()
 @friendly_errors
 def calibrate(
