@@ -37,9 +37,11 @@ def pool_cases(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(pool_cases())
-def test_pool_matches_loop_reference(case):
+@given(pool_cases(), st.booleans())
+def test_pool_matches_loop_reference(kernels, case, channels_last):
     x, k, s, p, tie_limit, tie_eps, tie_rtol = case
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     v, i = nan_max_pool2d(x, k, s, p, tie_limit=tie_limit, tie_eps=tie_eps, tie_rtol=tie_rtol)
     rv, ri = loop_max_pool2d(x, k, s, p, tie_limit, tie_eps, tie_rtol)
     assert torch.equal(torch.isnan(v), torch.isnan(rv))
@@ -49,7 +51,7 @@ def test_pool_matches_loop_reference(case):
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 1), st.integers(0, 2**31 - 1))
-def test_pool_equals_torch_without_ties_or_nan(k, s, p, seed):
+def test_pool_equals_torch_without_ties_or_nan(kernels, k, s, p, seed):
     p = min(p, k // 2)
     x = torch.randn(2, 3, 11, 8, generator=torch.Generator().manual_seed(seed))
     v, i = nan_max_pool2d(x, k, s, p)
@@ -57,7 +59,7 @@ def test_pool_equals_torch_without_ties_or_nan(k, s, p, seed):
     assert torch.equal(v, tv) and torch.equal(i, ti)
 
 
-def test_exact_tie_is_nan_and_index_zero():
+def test_exact_tie_is_nan_and_index_zero(kernels):
     x = torch.tensor([[[[1.0, 1.0], [0.0, 0.5]]]])
     v, i = nan_max_pool2d(x, 2)
     assert math.isnan(v.item()) and i.item() == 0
@@ -67,21 +69,21 @@ def test_exact_tie_is_nan_and_index_zero():
     assert v.item() == 1.0
 
 
-def test_tie_exactly_at_eps_is_not_a_tie():
+def test_tie_exactly_at_eps_is_not_a_tie(kernels):
     x = torch.tensor([[[[1.0, 0.75], [0.0, 0.0]]]])
     assert nan_max_pool2d(x, 2, tie_eps=0.25)[0].item() == 1.0  # |0.75 - 1| == eps: not < eps
     assert math.isnan(nan_max_pool2d(x, 2, tie_eps=0.2500001)[0].item())
     assert math.isnan(nan_max_pool2d(x, 2, tie_eps=0.0, tie_rtol=0.26)[0].item())
 
 
-def test_nan_entries_are_ignored_and_all_nan_window_is_nan():
+def test_nan_entries_are_ignored_and_all_nan_window_is_nan(kernels):
     x = torch.tensor([[[[NAN, 2.0, NAN, NAN], [1.0, NAN, NAN, NAN]]]])
     v, i = nan_max_pool2d(x, 2)
     assert v[0, 0, 0, 0].item() == 2.0 and i[0, 0, 0, 0].item() == 1
     assert math.isnan(v[0, 0, 0, 1].item()) and i[0, 0, 0, 1].item() == 0
 
 
-def test_all_nan_input_and_3d_input():
+def test_all_nan_input_and_3d_input(kernels):
     v, i = nan_max_pool2d(torch.full((3, 4, 4), NAN), 2)
     assert v.shape == (3, 2, 2) and torch.isnan(v).all() and (i == 0).all()
     assert nan_max_pool2d(torch.randn(3, 4, 4), 2, return_indices=False).shape == (3, 2, 2)
@@ -147,3 +149,22 @@ def test_unpool_bad_arguments():
         nan_max_unpool2d(v, i + 100, 2)
     with pytest.raises(ValueError, match="output_size"):
         nan_max_unpool2d(v, i, 2, output_size=(9, 9))
+
+
+def test_fused_kernels_dispatch(monkeypatch):
+    from nanprobe.ops import _kernels
+
+    monkeypatch.setenv(_kernels.ENV, "numba")
+    x = torch.randn(1, 2, 4, 4)
+    assert _kernels.enabled(x) and _kernels.enabled(x.double())
+    assert not _kernels.enabled(x.half())  # numba has no half precision: torch path
+    monkeypatch.setenv(_kernels.ENV, "torch")
+    assert not _kernels.enabled(x)
+
+
+def test_inference_only_inputs_that_require_grad(kernels):
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)  # e.g. a layer output outside no_grad
+    v, i = nan_max_pool2d(x, 2)
+    assert not v.requires_grad
+    assert torch.equal(v, F.max_pool2d(x.detach(), 2))
+    assert not nan_max_unpool2d(v, i, 2).requires_grad

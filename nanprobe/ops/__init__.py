@@ -5,6 +5,9 @@
 - :func:`nan_conv2d` skips output positions whose input window is mostly NaN;
 - :func:`nanify` swaps a model's modules for :class:`NanMaxPool2d`, :class:`NanMaxUnpool2d` and
   :class:`NanConv2d`; :func:`skip_stats` reads what they skipped.
+
+They are inference ops: they run without autograd and their results carry no gradient. On CPU
+(float32/float64) fused numba kernels do the NaN bookkeeping in one pass (``_kernels``).
 """
 
 from .conv import ConvSkipStats, nan_conv2d, nan_conv2d_with_stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _kernels
 from ._args import (
     IntPair,
     check_input,
@@ -92,6 +93,43 @@ def _first_neg_inf_index(
     return out
 
 
+def _torch_max_pool(
+    x4: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    tie_limit: int | None,
+    tie_eps: float,
+    tie_rtol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-agnostic NaN max pooling from eager torch ops (CUDA, half precision, autograd)."""
+    # a NaN-free sum proves the input NaN-free (inf - inf only costs the NaN path)
+    has_nan = bool(torch.isnan(x4.sum()))
+    inf = float("inf")
+    clean = torch.nan_to_num(x4, nan=-inf, posinf=inf, neginf=-inf) if has_nan else x4
+    values, indices = F.max_pool2d(clean, k, s, p, return_indices=True)
+    bad = empty = None
+    if tie_limit is not None:
+        count = _tie_count(x4, values, k, s, p, tie_eps, tie_rtol)
+        bad = count > tie_limit
+        if has_nan:
+            empty = count == 0  # no number in the window
+    elif has_nan:
+        maybe_empty = values == -inf  # windows without numbers are among these
+        if bool(maybe_empty.any()):
+            empty = maybe_empty & (F.max_pool2d((~torch.isnan(x4)).to(x4.dtype), k, s, p) == 0)
+    if empty is not None:
+        bad = empty if bad is None else bad | empty
+        neg_inf_max = (values == -inf) & ~empty  # a real -inf maximum beside NaN entries
+        if bool(neg_inf_max.any()):
+            indices = _first_neg_inf_index(x4, neg_inf_max, indices, k, s, p)
+    if bad is not None:
+        values = values.masked_fill(bad, float("nan"))
+        indices = indices.masked_fill(bad, 0)
+    return values, indices
+
+
+@torch.no_grad()
 def nan_max_pool2d(
     x: torch.Tensor,
     kernel_size: IntPair,
@@ -122,37 +160,19 @@ def nan_max_pool2d(
     tie_eps = check_nonnegative(tie_eps, "tie_eps")
     tie_rtol = check_nonnegative(tie_rtol, "tie_rtol")
     h, w = x4.shape[-2:]
-    if pool_output_size(h, k[0], s[0], p[0]) < 1 or pool_output_size(w, k[1], s[1], p[1]) < 1:
+    out_hw = (pool_output_size(h, k[0], s[0], p[0]), pool_output_size(w, k[1], s[1], p[1]))
+    if min(out_hw) < 1:
         raise ValueError(f"input of spatial size {(h, w)} is smaller than kernel_size {k}")
-
-    # a NaN-free sum proves the input NaN-free (inf - inf only costs the NaN path)
-    has_nan = bool(torch.isnan(x4.sum()))
-    inf = float("inf")
-    clean = torch.nan_to_num(x4, nan=-inf, posinf=inf, neginf=-inf) if has_nan else x4
-    values, indices = F.max_pool2d(clean, k, s, p, return_indices=True)
-    bad = empty = None
-    if tie_limit is not None:
-        count = _tie_count(x4, values, k, s, p, tie_eps, tie_rtol)
-        bad = count > tie_limit
-        if has_nan:
-            empty = count == 0  # no number in the window
-    elif has_nan:
-        maybe_empty = values == -inf  # windows without numbers are among these
-        if bool(maybe_empty.any()):
-            empty = maybe_empty & (F.max_pool2d((~torch.isnan(x4)).to(x4.dtype), k, s, p) == 0)
-    if empty is not None:
-        bad = empty if bad is None else bad | empty
-        neg_inf_max = (values == -inf) & ~empty  # a real -inf maximum beside NaN entries
-        if bool(neg_inf_max.any()):
-            indices = _first_neg_inf_index(x4, neg_inf_max, indices, k, s, p)
-    if bad is not None:
-        values = values.masked_fill(bad, float("nan"))
-        indices = indices.masked_fill(bad, 0)
+    if _kernels.enabled(x4):
+        values, indices = _kernels.max_pool(x4, k, s, p, out_hw, tie_limit, tie_eps, tie_rtol)
+    else:
+        values, indices = _torch_max_pool(x4, k, s, p, tie_limit, tie_eps, tie_rtol)
     if squeeze:
         values, indices = values.squeeze(0), indices.squeeze(0)
     return (values, indices) if return_indices else values
 
 
+@torch.no_grad()
 def nan_max_unpool2d(
     values: torch.Tensor,
     indices: torch.Tensor,

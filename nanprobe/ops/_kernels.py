@@ -1,0 +1,113 @@
+"""Fused CPU kernels (numba) for the NaN ops: one pass over the data instead of one per torch op.
+
+Eager PyTorch spends most of a NaN op's time on memory passes (isnan, counts, masks, copies);
+these kernels read each input element once. They serve CPU float32/float64 tensors; everything
+else (CUDA, half precision) takes the device-agnostic torch path, which has the same semantics.
+Like the NaN ops themselves, they compute no gradients. ``NANPROBE_KERNELS=torch`` forces the
+torch path (the tests run both; Verrou workers use it, so nothing is compiled under Valgrind).
+
+Kernels are compiled on first use (a few seconds) and cached on disk by numba.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+#: environment variable choosing the CPU kernels: "numba" (default) or "torch"
+ENV = "NANPROBE_KERNELS"
+
+_lock = threading.Lock()  # numba's default thread pool must not be entered from two threads
+_jit = None
+
+
+def enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels apply: CPU float32/float64 tensors, not disabled by ``ENV``."""
+    if os.environ.get(ENV, "numba").lower() == "torch":
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+            return False
+    return _compiled() is not None
+
+
+def _compiled():
+    """The compiled kernel namespace, or None when numba is not importable."""
+    global _jit
+    if _jit is None:
+        try:
+            from . import _numba_kernels
+        except ImportError:  # pragma: no cover - numba is a dependency; guard for odd installs
+            _jit = False
+        else:
+            _jit = _numba_kernels
+    return _jit or None
+
+
+def _run(kernel, *args) -> None:
+    import numba
+
+    with _lock:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        kernel(*args)
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    """(N, H, W, C) numpy view of an (N, C, H, W) tensor (no copy)."""
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _nchw(t: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) contiguous numpy view (a copy only for other layouts)."""
+    return t.detach().contiguous().numpy()
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` (4-D) is laid out channels-last rather than contiguous NCHW."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def max_pool(
+    x: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    out_hw: tuple[int, int],
+    tie_limit: int | None,
+    tie_eps: float,
+    tie_rtol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN max pooling of (N, C, H, W) ``x`` in one pass; same rules as ``nan_max_pool2d``.
+
+    Returns (values, int64 indices) of shape (N, C, Ho, Wo) in ``x``'s memory format.
+    """
+    jit = _compiled()
+    n, c = x.shape[:2]
+    scalar = np.dtype(str(x.dtype).removeprefix("torch.")).type
+    cl = channels_last(x)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    values = torch.empty(n, c, *out_hw, dtype=x.dtype, memory_format=fmt)
+    indices = torch.empty(n, c, *out_hw, dtype=torch.int64, memory_format=fmt)
+    args = (*k, *s, *p, tie_limit is not None, tie_limit or 0, scalar(tie_eps), scalar(tie_rtol))
+    if cl:
+        _run(jit.max_pool_nhwc, _nhwc(x), *args, _nhwc(values), _nhwc(indices))
+    else:
+        _run(jit.max_pool_nchw, _nchw(x), *args, values.numpy(), indices.numpy())
+    return values, indices
+
+
+def pixel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel of (N, C, H, W) ``x``: NaN entries over the channels (int32) and the sum of the
+    numbers (float64), both (N, H, W), in one pass over ``x``."""
+    jit = _compiled()
+    n, _, h, w = x.shape
+    count = torch.empty(n, h, w, dtype=torch.int32)
+    total = torch.empty(n, h, w, dtype=torch.float64)
+    if channels_last(x):
+        _run(jit.pixel_stats_nhwc, _nhwc(x), count.numpy(), total.numpy())
+    else:
+        _run(jit.pixel_stats_nchw, _nchw(x), count.numpy(), total.numpy())
+    return count, total
