@@ -59,9 +59,12 @@ def test_reference_matches_loop_oracle(case):
 
 
 @settings(max_examples=120, deadline=None)
-@given(conv_cases(), st.sampled_from(["mean", "noisy_max"]), st.sampled_from(["fast", "auto"]))
-def test_fast_matches_reference(case, fill, impl):
+@given(conv_cases(), st.sampled_from(["mean", "noisy_max"]), st.sampled_from(["fast", "auto"]),
+       st.booleans())
+def test_fast_matches_reference(kernels, case, fill, impl, channels_last):
     x, weight, bias, s, p, d, threshold, count_padding = case
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     kwargs = dict(nan_threshold=threshold, fill=fill, count_padding=count_padding, sigma=0.5)
     ref = nan_conv2d(x, weight, bias, s, p, d, impl="reference",
                      generator=torch.Generator().manual_seed(7), **kwargs)
@@ -70,7 +73,7 @@ def test_fast_matches_reference(case, fill, impl):
     _same(fast, ref, 1e-9)  # same skip set; noisy_max draws in the same order
 
 
-def test_fast_matches_reference_float32_with_bands(monkeypatch):
+def test_fast_matches_reference_float32_with_bands(kernels, monkeypatch):
     monkeypatch.setattr(conv_mod, "BAND_ROWS", 4)  # several bands on a small map
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 40, 33, generator=g)
@@ -90,14 +93,14 @@ def test_fast_matches_reference_float32_with_bands(monkeypatch):
 @pytest.mark.parametrize("impl", ["reference", "fast", "auto"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(padding=1), dict(stride=2, padding=2),
                                     dict(dilation=2, padding=(2, 1)), dict(stride=(2, 1))])
-def test_equals_torch_without_nan(impl, kwargs):
+def test_equals_torch_without_nan(kernels, impl, kwargs):
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(3, 4, 13, 11, generator=g), torch.randn(5, 4, 3, 3, generator=g), None
     torch.testing.assert_close(nan_conv2d(x, w, b, impl=impl, **kwargs),
                                F.conv2d(x, w, b, **kwargs), rtol=1e-5, atol=1e-5)
 
 
-def test_threshold_edges_and_all_nan():
+def test_threshold_edges_and_all_nan(kernels):
     x = torch.randn(1, 2, 6, 6)
     w = torch.randn(3, 2, 3, 3)
     assert torch.isnan(nan_conv2d(x, w, nan_threshold=0.0)).all()  # r >= 0 always
@@ -110,7 +113,7 @@ def test_threshold_edges_and_all_nan():
     torch.testing.assert_close(y[0, :, 0, 0], (w * filled).sum((1, 2, 3)))
 
 
-def test_count_padding_reactivates_border_of_nan_background():
+def test_count_padding_reactivates_border_of_nan_background(kernels):
     x = torch.full((1, 1, 8, 8), NAN)
     x[..., 3:5, 3:5] = 1.0
     w = torch.ones(1, 1, 3, 3)
@@ -120,7 +123,7 @@ def test_count_padding_reactivates_border_of_nan_background():
     assert torch.isnan(default[0, 0, 0, 0]) and not torch.isnan(paper[0, 0, 0, 0])
 
 
-def test_noisy_max_is_reproducible_and_near_the_max():
+def test_noisy_max_is_reproducible_and_near_the_max(kernels):
     x = torch.zeros(1, 1, 5, 5)
     x[0, 0, 2, 2] = 3.0
     x[0, 0, 1, 1] = NAN
@@ -132,7 +135,7 @@ def test_noisy_max_is_reproducible_and_near_the_max():
     assert abs(run[0][0, 0, 1, 1].item() - 3.0) < 0.1  # window at (1,1): max of the rest is 3
 
 
-def test_3d_input_and_float64():
+def test_3d_input_and_float64(kernels):
     x = torch.randn(2, 6, 6, dtype=torch.float64)
     x[0, 0, 0] = NAN
     y = nan_conv2d(x, torch.randn(3, 2, 3, 3, dtype=torch.float64))
@@ -167,7 +170,7 @@ def test_bad_shapes():
 
 @pytest.mark.parametrize("rate", [0.001, 0.2])  # few partial windows (gather) / many (mask conv)
 @pytest.mark.parametrize("whole_pixels", [False, True])
-def test_mean_fill_paths(rate, whole_pixels):
+def test_mean_fill_paths(kernels, rate, whole_pixels):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 4, 40, 30, generator=g, dtype=torch.float64)
     shape = (2, 1, 40, 30) if whole_pixels else x.shape
@@ -176,3 +179,11 @@ def test_mean_fill_paths(rate, whole_pixels):
     for threshold in (1.0, 0.3):
         ref = nan_conv2d(x, w, padding=1, nan_threshold=threshold, impl="reference")
         _same(nan_conv2d(x, w, padding=1, nan_threshold=threshold, impl="fast"), ref, 1e-9)
+
+
+def test_inference_only_weight_that_requires_grad(kernels):
+    x = torch.randn(1, 2, 6, 6)
+    x[0, :, :2, :2] = NAN
+    w = torch.randn(3, 2, 3, 3, requires_grad=True)  # nn.Conv2d parameters do
+    y = nan_conv2d(x, w, padding=1)
+    assert not y.requires_grad and torch.isnan(y).any()

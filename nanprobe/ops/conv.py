@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import _kernels
 from ._args import IntPair, check_choice, check_fraction, check_input, check_nonnegative, pair
 
 FILLS = ("mean", "noisy_max")
@@ -104,9 +105,10 @@ def _check_conv_args(
 class _NanLayout:
     """Where the NaNs are, at pixel and window level (counts are exact small integers)."""
 
-    per_pixel: torch.Tensor  # (N, 1, H, W) NaN entries over channels
+    per_pixel: torch.Tensor  # (N, H, W) NaN entries over channels
+    pixel_total: torch.Tensor | None  # (N, H, W) sum of the numbers over channels, if known
     nan_count: torch.Tensor  # (N, Ho, Wo) NaN entries per window
-    entries: torch.Tensor  # (1 or N, Ho, Wo) entries per window that count
+    entries: torch.Tensor  # (1, Ho, Wo) entries per window that count
     skip: torch.Tensor  # (N, Ho, Wo) bool
     partial: torch.Tensor  # (N, Ho, Wo) bool: computed, but the window holds NaN
     channels: int
@@ -117,30 +119,72 @@ class _NanLayout:
         return bool(((self.per_pixel == 0) | (self.per_pixel == self.channels)).all())
 
 
+def _pixel_nans(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """NaN entries per pixel (N, H, W) and, from the fused kernel, the sum of numbers (or None).
+
+    One cheap sum first proves most inputs NaN-free (inf - inf only costs the counting pass);
+    the fused kernel then counts and sums in one pass, the torch path counts from ``isnan``.
+    """
+    n, c, h, w = x.shape
+    if not bool(torch.isnan(x.sum())):
+        return torch.zeros(n, h, w, dtype=torch.int32, device=x.device), None
+    if _kernels.enabled(x):
+        return _kernels.pixel_stats(x)
+    # a uint8 channel sum is much faster than a bool -> int one; exact while C < 256
+    count_dtype = torch.uint8 if c < 256 else torch.int32
+    return torch.isnan(x).view(torch.uint8).sum(1, dtype=count_dtype), None
+
+
+def _axis_taps(size: int, k: int, s: int, p: int, d: int, out: int, device) -> torch.Tensor:
+    """In-bounds taps of each output position along one axis, (out,)."""
+    pos = torch.arange(out, device=device)[:, None] * s - p + torch.arange(k, device=device) * d
+    return ((pos >= 0) & (pos < size)).sum(1)
+
+
+def _window_sum(m: torch.Tensor, g: _Geometry) -> torch.Tensor:
+    """Sum of (N, H, W) ``m`` over each output position's in-bounds taps, (N, Ho, Wo).
+
+    Separable: kH shifted row slices, then kW shifted column slices of the zero-padded map.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
+    ho, wo = g.out_hw
+    mp = F.pad(m, (pw, pw, ph, ph)) if ph or pw else m
+    rows = mp[:, 0 : sh * (ho - 1) + 1 : sh].clone()
+    for i in range(1, kh):
+        rows += mp[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh]
+    out = rows[..., 0 : sw * (wo - 1) + 1 : sw].clone()
+    for j in range(1, kw):
+        out += rows[..., j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+    return out
+
+
 def _nan_layout(
-    nan: torch.Tensor, g: _Geometry, nan_threshold: float, count_padding: bool
-) -> _NanLayout:
+    x: torch.Tensor, g: _Geometry, nan_threshold: float, count_padding: bool
+) -> _NanLayout | None:
     """Count NaNs per pixel and per window; ``skip = r >= nan_threshold``.
+
+    None when there is nothing to do: no NaN in ``x`` and ``nan_threshold > 0``.
 
     r = NaN entries / window entries; window entries are the in-bounds ones unless
     ``count_padding`` (then all C_in*kH*kW). ``partial`` marks the computed positions whose
     window holds at least one NaN.
     """
-    n, c, h, w = nan.shape
+    n, c, h, w = x.shape
+    per_pixel, pixel_total = _pixel_nans(x)
+    if nan_threshold > 0 and not bool(per_pixel.any()):
+        return None
     dtype = torch.float64 if c * g.k[0] * g.k[1] >= 1 << 24 else torch.float32
-    ones_k = torch.ones(1, 1, *g.k, dtype=dtype, device=nan.device)
-    # a uint8 channel sum is much faster than a bool -> float one; exact while C < 256
-    count_dtype = torch.uint8 if c < 256 else torch.int32
-    per_pixel = nan.view(torch.uint8).sum(1, keepdim=True, dtype=count_dtype).to(dtype)
-    nan_count = F.conv2d(per_pixel, ones_k, None, g.s, g.p, g.d)[:, 0]
+    nan_count = _window_sum(per_pixel.to(dtype), g)
     if count_padding:
-        entries = torch.full((1, 1, 1), c * g.k[0] * g.k[1], dtype=dtype, device=nan.device)
+        entries = torch.full((1, 1, 1), c * g.k[0] * g.k[1], dtype=dtype, device=x.device)
     else:
-        inside = torch.ones(1, 1, h, w, dtype=dtype, device=nan.device)
-        entries = F.conv2d(inside, ones_k, None, g.s, g.p, g.d)[:, 0] * c
+        rows = _axis_taps(h, g.k[0], g.s[0], g.p[0], g.d[0], g.out_hw[0], x.device)
+        cols = _axis_taps(w, g.k[1], g.s[1], g.p[1], g.d[1], g.out_hw[1], x.device)
+        entries = (rows[:, None] * cols * c).to(dtype)[None]
     ratio = nan_count.double() / entries.double().clamp_min(1.0)
     skip = ratio >= nan_threshold
-    return _NanLayout(per_pixel, nan_count, entries, skip, (nan_count > 0) & ~skip, c)
+    return _NanLayout(per_pixel, pixel_total, nan_count, entries, skip,
+                      (nan_count > 0) & ~skip, c)
 
 
 def _fill_columns(
@@ -244,12 +288,23 @@ def _dense_crop(
     return torch.nan_to_num(crop, nan=0.0, posinf=float("inf"), neginf=float("-inf"), out=out)
 
 
+def _fill_outside(y: torch.Tensor, rects: list[tuple[int, int, int, int]]) -> None:
+    """Write NaN to every output position of (N, C, Ho, Wo) ``y`` outside the band rectangles."""
+    nan = float("nan")
+    done = 0
+    for r0, r1, c0, c1 in rects:  # rows ascending, disjoint
+        y[..., done:r0, :] = nan
+        y[..., r0 : r1 + 1, :c0] = nan
+        y[..., r0 : r1 + 1, c1 + 1 :] = nan
+        done = r1 + 1
+    y[..., done:, :] = nan
+
+
 def _fast(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     g: _Geometry,
-    nan: torch.Tensor,
     layout: _NanLayout,
     fill: str,
     sigma: float,
@@ -257,7 +312,11 @@ def _fast(
     count_padding: bool,
     banded: bool | None,
 ) -> tuple[torch.Tensor, int]:
-    """Banded dense conv + exact handling of partial windows. ``banded=None``: decide."""
+    """Banded dense conv + exact handling of partial windows. ``banded=None``: decide.
+
+    Each band's skipped positions are set to NaN while its output is small, and the area
+    outside the bands is filled by slices, so no pass over the whole output is spent on skips.
+    """
     skip = layout.skip
     n = x.shape[0]
     cout = weight.shape[0]
@@ -271,23 +330,26 @@ def _fast(
         rects, band_area = [(0, ho - 1, 0, wo - 1)], ho * wo
 
     w_cl = weight.contiguous(memory_format=torch.channels_last)
+    skip4 = skip.unsqueeze(1)
     if rects == [(0, ho - 1, 0, wo - 1)]:
         y = F.conv2d(_dense_crop(x, g, (0, ho - 1), (0, wo - 1)), w_cl, bias, g.s, 0, g.d)
+        y.masked_fill_(skip4, float("nan"))
     else:
         y = torch.empty(n, cout, ho, wo, dtype=x.dtype, device=x.device,
                         memory_format=torch.channels_last)
+        _fill_outside(y, rects)
         for r0, r1, c0, c1 in rects:
-            crop = _dense_crop(x, g, (r0, r1), (c0, c1))
-            y[..., r0 : r1 + 1, c0 : c1 + 1] = F.conv2d(crop, w_cl, bias, g.s, 0, g.d)
+            band = F.conv2d(_dense_crop(x, g, (r0, r1), (c0, c1)), w_cl, bias, g.s, 0, g.d)
+            band.masked_fill_(skip4[..., r0 : r1 + 1, c0 : c1 + 1], float("nan"))
+            y[..., r0 : r1 + 1, c0 : c1 + 1] = band
 
     where = layout.partial.nonzero(as_tuple=True)  # row-major, as in the reference
     if where[0].numel():
         if fill == "mean":
-            _add_mean_fill(x, nan, weight, g, y, where, layout)
+            _add_mean_fill(x, weight, g, y, where, layout)
         else:
             _recompute_partial(x, weight, bias, g, y, where, fill, sigma, generator,
                                count_padding)
-    y.masked_fill_(skip.unsqueeze(1), float("nan"))
     return y, band_area * n
 
 
@@ -308,7 +370,6 @@ def _taps(
 
 def _add_mean_fill(
     x: torch.Tensor,
-    nan: torch.Tensor,
     weight: torch.Tensor,
     g: _Geometry,
     y: torch.Tensor,
@@ -319,35 +380,37 @@ def _add_mean_fill(
 
     ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * (sum of the weights at
     the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count.
-    NaNs spanning whole pixels: per-pixel channel sums and NaN flags, gathered per tap
-    (P, kH*kW). Channel-wise NaN: gather the windows (P, kH*kW, C_in) when they are few, else
-    dense maps (window-sum conv, NaN-mask conv over the channels that hold NaN).
+    The window sums come from per-pixel sums of numbers gathered per tap (P, kH*kW). NaNs
+    spanning whole pixels: the NaN taps are per-pixel flags too. Channel-wise NaN: gather the
+    windows' NaN flags (P, kH*kW, C_in) when they are few, else a NaN-mask convolution over the
+    channels that hold NaN.
     """
     pn, pr, pc = where
     cout = weight.shape[0]
     entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
     count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+    rows, cols, inside = _taps(g, where, x.shape[-2:])
+    if layout.pixel_total is None:  # torch path: sum the gathered windows' numbers
+        tap_total = torch.nansum(x[pn[:, None], :, rows, cols], 2)  # (P, T)
+    else:
+        tap_total = layout.pixel_total[pn[:, None], rows, cols]
+    mean = (tap_total * inside).sum(1).to(x.dtype) / count
     if layout.pixel_uniform:
-        rows, cols, inside = _taps(g, where, x.shape[-2:])
-        nan_taps = (layout.per_pixel[pn[:, None], 0, rows, cols] > 0) & inside  # (P, T)
-        pixel_sum = x[pn[:, None], :, rows, cols].sum(2)  # (P, T): NaN at NaN pixels
-        mean = pixel_sum.masked_fill_(nan_taps | ~inside, 0).sum(1) / count
+        nan_taps = (layout.per_pixel[pn[:, None], rows, cols] > 0) & inside  # (P, T)
         tap_weight = weight.sum(1).reshape(cout, -1).T  # (T, C_out)
         y[pn, :, pr, pc] += (nan_taps.to(x.dtype) @ tap_weight) * mean[:, None]
     elif len(pn) * weight[0].numel() <= x.numel() // 2:
-        rows, cols, inside = _taps(g, where, x.shape[-2:])
         window = x[pn[:, None], :, rows, cols]  # (P, T, C)
         nan_taps = torch.isnan(window) & inside[..., None]
-        mean = window.masked_fill(nan_taps | ~inside[..., None], 0).sum((1, 2)) / count
         tap_weight = weight.permute(0, 2, 3, 1).reshape(cout, -1).T  # (T*C, C_out), tap-major
         y[pn, :, pr, pc] += (nan_taps.flatten(1).to(x.dtype) @ tap_weight) * mean[:, None]
-    else:  # many partial windows: dense maps, no gathers
-        ones_k = torch.ones(1, 1, *g.k, dtype=x.dtype, device=x.device)
-        window_sum = F.conv2d(torch.nansum(x, 1, keepdim=True), ones_k, None, g.s, g.p, g.d)
-        mean = window_sum[:, 0] / (layout.entries - layout.nan_count).clamp_min(1).to(x.dtype)
+    else:  # many partial windows: a dense NaN-mask convolution, no gathers
+        nan = torch.isnan(x)
         channels = nan.flatten(2).any(2).any(0).nonzero()[:, 0]
         nan_sum = F.conv2d(nan[:, channels].to(x.dtype), weight[:, channels], None, g.s, g.p, g.d)
-        y += nan_sum.mul_(mean[:, None]).masked_fill_(~layout.partial[:, None], 0)
+        mean_map = torch.zeros_like(layout.nan_count, dtype=x.dtype)
+        mean_map[pn, pr, pc] = mean
+        y += nan_sum.mul_(mean_map[:, None])
 
 
 def _recompute_partial(
@@ -391,6 +454,7 @@ def _recompute_partial(
         y[pn[sl], :, pr[sl], pc[sl]] = out
 
 
+@torch.no_grad()
 def nan_conv2d_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -422,16 +486,14 @@ def nan_conv2d_with_stats(
                                       count_padding)
         executed = positions
     else:
-        # a NaN-free sum proves the input NaN-free (inf - inf only costs the slow path)
-        if nan_threshold > 0 and not bool(torch.isnan(x4.sum())):
+        layout = _nan_layout(x4, g, nan_threshold, count_padding)
+        if layout is None:  # no NaN: the plain convolution
             y = F.conv2d(x4, weight, bias, g.s, g.p, g.d)
             stats = ConvSkipStats(positions, 0, 0, macs_per_position, positions)
             return (y.squeeze(0) if squeeze else y), stats
-        nan = torch.isnan(x4)
-        layout = _nan_layout(nan, g, nan_threshold, count_padding)
         skip, partial = layout.skip, layout.partial
-        y, executed = _fast(x4, weight, bias, g, nan, layout, fill, sigma, generator,
-                            count_padding, banded=True if impl == "fast" else None)
+        y, executed = _fast(x4, weight, bias, g, layout, fill, sigma, generator, count_padding,
+                            banded=True if impl == "fast" else None)
     stats = ConvSkipStats(positions, int(skip.sum()), int(partial.sum()), macs_per_position,
                           executed)
     return (y.squeeze(0) if squeeze else y), stats
