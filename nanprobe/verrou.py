@@ -236,7 +236,8 @@ def worker_env(base_env: Mapping[str, str] | None = None, *,
 
     One thread everywhere; no variable forcing AVX-512 code (``OPENBLAS_CORETYPE`` always
     removed); no ``VERROU_*`` variable (they would override the command line); unbuffered
-    output and faulthandler for useful log tails; the current virtual environment kept
+    output and faulthandler for useful log tails; the NaN ops' torch path (numba would
+    compile its kernels under Valgrind); the current virtual environment kept
     visible to :func:`real_python`; ``$NANPROBE_VERROU_PYBINDING`` set when Verrou's
     Python binding is used (see :func:`instrumentation`).
     """
@@ -252,6 +253,7 @@ def worker_env(base_env: Mapping[str, str] | None = None, *,
         env[name] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONFAULTHANDLER"] = "1"
+    env["NANPROBE_KERNELS"] = "torch"  # no LLVM compilation under Valgrind (minutes there)
     if _in_venv():
         # The resolved binary would not find pyvenv.cfg next to itself; since Python 3.11
         # PYTHONEXECUTABLE makes it compute the venv's prefix (with .pth files processed).

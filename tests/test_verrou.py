@@ -199,6 +199,7 @@ def test_worker_env():
                  "NANPROBE_THREADS"):
         assert env[name] == "1"
     assert env["KEEP"] == "me" and env["PATH"] == "/usr/bin"
+    assert env["NANPROBE_KERNELS"] == "torch"
     assert env[vr.ENV_PYBINDING] == "/opt/verrou/lib/python3.11/site-packages"
     assert base["OPENBLAS_CORETYPE"] == "SkylakeX"  # the caller's mapping is untouched
     assert vr.ENV_PYBINDING not in vr.worker_env(env)
