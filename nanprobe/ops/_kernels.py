@@ -111,3 +111,52 @@ def pixel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         _run(jit.pixel_stats_nchw, _nchw(x), count.numpy(), total.numpy())
     return count, total
+
+
+def window_layout(
+    count: torch.Tensor,
+    total: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    d: tuple[int, int],
+    out_hw: tuple[int, int],
+    channels: int,
+    threshold: float,
+    count_padding: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nan_count int32, skip, partial, mean float64), each (N, Ho, Wo), from per-pixel maps."""
+    jit = _compiled()
+    shape = (count.shape[0], *out_hw)
+    nan_count = torch.empty(shape, dtype=torch.int32)
+    skip = torch.empty(shape, dtype=torch.bool)
+    partial = torch.empty(shape, dtype=torch.bool)
+    mean = torch.empty(shape, dtype=torch.float64)
+    _run(jit.window_layout, count.numpy(), total.numpy(), *k, *s, *p, *d, channels,
+         float(threshold), count_padding, nan_count.numpy(), skip.numpy(), partial.numpy(),
+         mean.numpy())
+    return nan_count, skip, partial, mean
+
+
+def finish_conv(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    count: torch.Tensor,
+    weight: torch.Tensor,
+    skip: torch.Tensor,
+    partial: torch.Tensor,
+    mean: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    d: tuple[int, int],
+    add_mean: bool,
+) -> None:
+    """In place on ``y`` (N, C_out, Ho, Wo) = conv(x with NaN -> 0) + bias: NaN at skipped
+    positions and, if ``add_mean``, the mean fill's term at partial ones. ``count``: (N, H, W)
+    NaN entries per pixel of ``x``."""
+    jit = _compiled()
+    wt = weight.detach().permute(2, 3, 1, 0)  # (kH, kW, C_in, C_out)
+    wt = torch.cat([wt, wt.sum(2, keepdim=True)], 2).contiguous().numpy()
+    _run(jit.finish_conv, _nhwc(y), x.detach().numpy(), count.numpy(), wt, skip.numpy(),
+         partial.numpy(), mean.numpy(), *k, *s, *p, *d, add_mean)

@@ -151,3 +151,91 @@ def pixel_stats_nhwc(x, count, total):
                 tot += 0.0 if nan else v
             count[n, r, col] = cnt
             total[n, r, col] = tot
+
+
+@njit(parallel=True, cache=True)
+def window_layout(count, total, kh, kw, sh, sw, ph, pw, dh, dw, channels, threshold,
+                  count_padding, nan_count, skip, partial, mean):
+    """Per output position from per-pixel maps (N, H, W): NaN entries, skip, partial, fill mean.
+
+    ``count``/``total``: NaN entries / sum of numbers per pixel; outputs (N, Ho, Wo).
+    r = NaN entries / window entries (in-bounds ones unless ``count_padding``); skip if
+    r >= threshold; mean = sum of numbers / non-NaN entries (padding zeros count as entries
+    with ``count_padding``).
+    """
+    n_, h, w = count.shape
+    ho, wo = skip.shape[1], skip.shape[2]
+    full = channels * kh * kw
+    for q in prange(n_ * ho):
+        i = q % ho
+        n = q // ho
+        for j in range(wo):
+            inside = 0
+            nans = 0
+            tot = 0.0
+            for di in range(kh):
+                r = i * sh - ph + di * dh
+                if r < 0 or r >= h:
+                    continue
+                for dj in range(kw):
+                    col = j * sw - pw + dj * dw
+                    if col < 0 or col >= w:
+                        continue
+                    inside += channels
+                    nans += count[n, r, col]
+                    tot += total[n, r, col]
+            entries = full if count_padding else inside
+            ratio = nans / max(entries, 1.0)
+            s = ratio >= threshold
+            nan_count[n, i, j] = nans
+            skip[n, i, j] = s
+            partial[n, i, j] = nans > 0 and not s
+            mean[n, i, j] = tot / max(entries - nans, 1)
+
+
+@njit(parallel=True, cache=True)
+def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh, dw,
+                add_mean):
+    """NaN at skipped positions; at partial ones add mean * (sum of the weights at NaN entries).
+
+    y: (N, Ho, Wo, C_out) holding conv(x with NaN -> 0) + bias; x: (N, C_in, H, W) any layout;
+    count: (N, H, W) NaN entries per pixel; wt: (kH, kW, C_in + 1, C_out) weights, the last
+    row their sum over C_in (for pixels NaN in every channel); skip/partial/mean: (N, Ho, Wo).
+    """
+    n_, ho, wo, cout = y.shape
+    cin, h, w = x.shape[1], x.shape[2], x.shape[3]
+    for q in prange(n_ * ho):
+        i = q % ho
+        n = q // ho
+        acc = np.empty(cout, wt.dtype)
+        for j in range(wo):
+            if skip[n, i, j]:
+                for co in range(cout):
+                    y[n, i, j, co] = np.nan
+                continue
+            if not (add_mean and partial[n, i, j]):
+                continue
+            acc[:] = 0.0
+            for di in range(kh):
+                r = i * sh - ph + di * dh
+                if r < 0 or r >= h:
+                    continue
+                for dj in range(kw):
+                    col = j * sw - pw + dj * dw
+                    if col < 0 or col >= w:
+                        continue
+                    nans = count[n, r, col]
+                    if nans == 0:
+                        continue
+                    if nans == cin:
+                        for co in range(cout):
+                            acc[co] += wt[di, dj, cin, co]
+                        continue
+                    for c in range(cin):
+                        v = x[n, c, r, col]
+                        if v != v:
+                            for co in range(cout):
+                                acc[co] += wt[di, dj, c, co]
+            m = mean[n, i, j]
+            for co in range(cout):
+                y[n, i, j, co] += m * acc[co]

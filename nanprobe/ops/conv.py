@@ -27,7 +27,7 @@ FILLS = ("mean", "noisy_max")
 IMPLS = ("auto", "reference", "fast")
 
 #: output rows per band of the fast path
-BAND_ROWS = 16
+BAND_ROWS = 64
 #: ``auto`` runs one dense conv unless the bands cover at most this fraction of the output map
 AUTO_MAX_BAND_FRACTION = 0.85
 #: ``auto`` never bands convolutions with fewer dense MACs than this (call overhead dominates)
@@ -103,15 +103,19 @@ def _check_conv_args(
 
 @dataclass(frozen=True)
 class _NanLayout:
-    """Where the NaNs are, at pixel and window level (counts are exact small integers)."""
+    """Where the NaNs are, at pixel and window level (counts are exact small integers).
+
+    The fused CPU kernels fill ``mean``; the torch path fills ``entries`` and computes the mean
+    fill later, from gathered windows, at the partial positions only.
+    """
 
     per_pixel: torch.Tensor  # (N, H, W) NaN entries over channels
-    pixel_total: torch.Tensor | None  # (N, H, W) sum of the numbers over channels, if known
     nan_count: torch.Tensor  # (N, Ho, Wo) NaN entries per window
-    entries: torch.Tensor  # (1, Ho, Wo) entries per window that count
     skip: torch.Tensor  # (N, Ho, Wo) bool
     partial: torch.Tensor  # (N, Ho, Wo) bool: computed, but the window holds NaN
     channels: int
+    entries: torch.Tensor | None = None  # (1, Ho, Wo) entries per window that count
+    mean: torch.Tensor | None = None  # (N, Ho, Wo) mean of each window's numbers
 
     @property
     def pixel_uniform(self) -> bool:
@@ -173,6 +177,11 @@ def _nan_layout(
     per_pixel, pixel_total = _pixel_nans(x)
     if nan_threshold > 0 and not bool(per_pixel.any()):
         return None
+    if pixel_total is not None:  # fused kernels: one pass over the per-pixel maps
+        nan_count, skip, partial, mean = _kernels.window_layout(
+            per_pixel, pixel_total, g.k, g.s, g.p, g.d, g.out_hw, c, nan_threshold,
+            count_padding)
+        return _NanLayout(per_pixel, nan_count, skip, partial, c, mean=mean)
     dtype = torch.float64 if c * g.k[0] * g.k[1] >= 1 << 24 else torch.float32
     nan_count = _window_sum(per_pixel.to(dtype), g)
     if count_padding:
@@ -183,8 +192,7 @@ def _nan_layout(
         entries = (rows[:, None] * cols * c).to(dtype)[None]
     ratio = nan_count.double() / entries.double().clamp_min(1.0)
     skip = ratio >= nan_threshold
-    return _NanLayout(per_pixel, pixel_total, nan_count, entries, skip,
-                      (nan_count > 0) & ~skip, c)
+    return _NanLayout(per_pixel, nan_count, skip, (nan_count > 0) & ~skip, c, entries=entries)
 
 
 def _fill_columns(
@@ -330,19 +338,28 @@ def _fast(
         rects, band_area = [(0, ho - 1, 0, wo - 1)], ho * wo
 
     w_cl = weight.contiguous(memory_format=torch.channels_last)
+    fused = layout.mean is not None  # the finishing kernel writes every skipped position
     skip4 = skip.unsqueeze(1)
     if rects == [(0, ho - 1, 0, wo - 1)]:
         y = F.conv2d(_dense_crop(x, g, (0, ho - 1), (0, wo - 1)), w_cl, bias, g.s, 0, g.d)
-        y.masked_fill_(skip4, float("nan"))
+        if not fused:
+            y.masked_fill_(skip4, float("nan"))
     else:
         y = torch.empty(n, cout, ho, wo, dtype=x.dtype, device=x.device,
                         memory_format=torch.channels_last)
-        _fill_outside(y, rects)
+        if not fused:
+            _fill_outside(y, rects)
         for r0, r1, c0, c1 in rects:
             band = F.conv2d(_dense_crop(x, g, (r0, r1), (c0, c1)), w_cl, bias, g.s, 0, g.d)
-            band.masked_fill_(skip4[..., r0 : r1 + 1, c0 : c1 + 1], float("nan"))
+            if not fused:
+                band.masked_fill_(skip4[..., r0 : r1 + 1, c0 : c1 + 1], float("nan"))
             y[..., r0 : r1 + 1, c0 : c1 + 1] = band
 
+    if fused:
+        _kernels.finish_conv(y, x, layout.per_pixel, weight, skip, layout.partial, layout.mean,
+                             g.k, g.s, g.p, g.d, add_mean=fill == "mean")
+    if fused and fill == "mean":
+        return y, band_area * n
     where = layout.partial.nonzero(as_tuple=True)  # row-major, as in the reference
     if where[0].numel():
         if fill == "mean":
@@ -376,11 +393,11 @@ def _add_mean_fill(
     where: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     layout: _NanLayout,
 ) -> None:
-    """Add the mean fill's contribution at partial positions, by linearity.
+    """Torch path: add the mean fill's contribution at partial positions, by linearity.
 
     ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * (sum of the weights at
     the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count.
-    The window sums come from per-pixel sums of numbers gathered per tap (P, kH*kW). NaNs
+    The window sums come from the gathered windows (P, kH*kW, C_in). NaNs
     spanning whole pixels: the NaN taps are per-pixel flags too. Channel-wise NaN: gather the
     windows' NaN flags (P, kH*kW, C_in) when they are few, else a NaN-mask convolution over the
     channels that hold NaN.
@@ -390,11 +407,8 @@ def _add_mean_fill(
     entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
     count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
     rows, cols, inside = _taps(g, where, x.shape[-2:])
-    if layout.pixel_total is None:  # torch path: sum the gathered windows' numbers
-        tap_total = torch.nansum(x[pn[:, None], :, rows, cols], 2)  # (P, T)
-    else:
-        tap_total = layout.pixel_total[pn[:, None], rows, cols]
-    mean = (tap_total * inside).sum(1).to(x.dtype) / count
+    tap_total = torch.nansum(x[pn[:, None], :, rows, cols], 2)  # (P, T) sums of numbers
+    mean = (tap_total * inside).sum(1) / count
     if layout.pixel_uniform:
         nan_taps = (layout.per_pixel[pn[:, None], rows, cols] > 0) & inside  # (P, T)
         tap_weight = weight.sum(1).reshape(cout, -1).T  # (T, C_out)
