@@ -6,8 +6,11 @@ Two implementations with the same semantics:
   memory hungry but obviously correct;
 - ``fast``: one dense ``F.conv2d`` per band of output rows, cropped to the band's active
   (non-skipped) columns, on the input with NaN replaced by 0. That is already exact wherever a
-  window holds no NaN; the few partially-NaN windows (a thin border band in practice) are then
-  recomputed exactly from gathered columns. Skipped positions cost nothing but their NaN write.
+  window holds no NaN; the few partially-NaN windows (a thin border band in practice) then get
+  the mean fill's term added by linearity (or, for ``noisy_max``, are recomputed from gathered
+  columns). Skipped positions cost nothing but their NaN write. On CPU the NaN bookkeeping
+  (per-pixel counts, skip/partial decisions, NaN writes, mean-fill term) runs in fused numba
+  kernels (:mod:`._kernels`), elsewhere in torch ops.
 
 ``impl="auto"`` uses the banded path when the bands save enough work, otherwise a single dense
 convolution over the whole map (the same code with one band).
