@@ -100,6 +100,26 @@ def test_equals_torch_without_nan(kernels, impl, kwargs):
                                F.conv2d(x, w, b, **kwargs), rtol=1e-5, atol=1e-5)
 
 
+def test_large_nan_free_conv_equals_torch(monkeypatch):
+    monkeypatch.setattr(conv_mod, "CHANNELS_LAST_MIN_MACS", 1e5)  # the channels-last path
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(2, 8, 32, 32, generator=g), torch.randn(6, 8, 3, 3, generator=g),
+               torch.randn(6, generator=g))
+    torch.testing.assert_close(nan_conv2d(x, w, b, padding=1), F.conv2d(x, w, b, padding=1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 20), st.integers(1, 12), st.integers(1, 6),
+       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_band_rects_kernel_matches_torch(n, ho, wo, band_rows, density, seed):
+    from nanprobe.ops import _kernels
+
+    g = torch.Generator().manual_seed(seed)
+    skip = torch.rand(n, ho, wo, generator=g) >= density
+    assert _kernels.band_rects(skip, band_rows) == conv_mod._bands(~skip, band_rows)
+
+
 def test_threshold_edges_and_all_nan(kernels):
     x = torch.randn(1, 2, 6, 6)
     w = torch.randn(3, 2, 3, 3)

@@ -111,9 +111,11 @@ def test_pool_bad_input():
 
 
 @settings(max_examples=80, deadline=None)
-@given(pool_cases())
-def test_unpool_matches_loop_reference(case):
+@given(pool_cases(), st.booleans())
+def test_unpool_matches_loop_reference(kernels, case, channels_last):
     x, k, s, p, tie_limit, tie_eps, tie_rtol = case
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     v, i = nan_max_pool2d(x, k, s, p, tie_limit=tie_limit, tie_eps=tie_eps, tie_rtol=tie_rtol)
     out = nan_max_unpool2d(v, i, k, s, p, output_size=x.shape)
     ref = loop_max_unpool2d(v, i, k, s, p, x.shape[-2], x.shape[-1])
@@ -121,9 +123,38 @@ def test_unpool_matches_loop_reference(case):
     assert torch.equal(out.nan_to_num(), ref.nan_to_num())
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 1), st.integers(1, 2),
+       st.integers(1, 3), st.integers(2, 9), st.integers(2, 9), st.floats(0.0, 1.0),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_unpool_foreign_indices_match_loop_reference(kernels, k, s, p, n, c, h, w, stray,
+                                                     channels_last, seed):
+    """Indices that point outside their own window (a decoder unpooled with an encoder's
+    indices, or any index map): sequential scatter order, then NaN windows."""
+    p = min(p, k // 2)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    if min(ho, wo) < 1:
+        return
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, c, ho, wo, generator=g).round()  # few levels: clashes show order
+    values[torch.rand(values.shape, generator=g) < 0.2] = NAN
+    own = nan_max_pool2d(torch.randn(n, c, h, w, generator=g), k, s, p)[1]
+    foreign = torch.randint(0, h * w, values.shape, generator=g)
+    indices = torch.where(torch.rand(values.shape, generator=g) < stray, foreign, own)
+    if channels_last:
+        values = values.contiguous(memory_format=torch.channels_last)
+        indices = indices.contiguous(memory_format=torch.channels_last)
+    out = nan_max_unpool2d(values, indices, k, s, p, output_size=(h, w))
+    ref = loop_max_unpool2d(values, indices, k, s, p, h, w)
+    assert torch.equal(out.nan_to_num(7.5), ref.nan_to_num(7.5))
+
+
 @pytest.mark.parametrize("k, s, p, size", [(2, 2, 0, (8, 8)), (3, 2, 1, (9, 7)), (2, 1, 0, (5, 6))])
-def test_unpool_equals_torch_for_finite_values(k, s, p, size):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unpool_equals_torch_for_finite_values(kernels, k, s, p, size, channels_last):
     x = torch.randn(2, 3, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     v, i = F.max_pool2d(x, k, s, p, return_indices=True)
     assert torch.equal(nan_max_unpool2d(v, i, k, s, p, output_size=x.shape),
                        F.max_unpool2d(v, i, k, s, p, output_size=x.shape))
@@ -131,15 +162,19 @@ def test_unpool_equals_torch_for_finite_values(k, s, p, size):
     assert torch.equal(nan_max_unpool2d(v, i, k, s, p), default)
 
 
-def test_unpool_spreads_nan_over_window():
+def test_unpool_spreads_nan_over_window(kernels):
     x = torch.tensor([[[[1.0, 1.0, 0.0, 3.0], [0.0, 0.0, 2.0, 1.0]]]])
     v, i = nan_max_pool2d(x, 2)
     out = nan_max_unpool2d(v, i, 2, output_size=x.shape)
     assert torch.isnan(out[..., :2]).all()
     assert out[0, 0, 0, 3].item() == 3.0 and out[0, 0, 1, 2].item() == 0.0
+    # a NaN value's index is ignored, even when it is out of range
+    garbage = i.masked_fill(torch.isnan(v), 10**6)
+    assert torch.equal(nan_max_unpool2d(v, garbage, 2, output_size=x.shape).nan_to_num(9.0),
+                       out.nan_to_num(9.0))
 
 
-def test_unpool_bad_arguments():
+def test_unpool_bad_arguments(kernels):
     v, i = nan_max_pool2d(torch.randn(1, 1, 4, 4), 2)
     with pytest.raises(ValueError, match="indices"):
         nan_max_unpool2d(v, i.float(), 2)

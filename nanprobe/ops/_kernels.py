@@ -23,6 +23,9 @@ ENV = "NANPROBE_KERNELS"
 _lock = threading.Lock()  # numba's default thread pool must not be entered from two threads
 _jit = None
 
+#: channels per thread task of the channels-last unpooling kernel
+UNPOOL_CHANNEL_BLOCK = 8
+
 
 def enabled(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels apply: CPU float32/float64 tensors, not disabled by ``ENV``."""
@@ -47,12 +50,12 @@ def _compiled():
     return _jit or None
 
 
-def _run(kernel, *args) -> None:
+def _run(kernel, *args):
     import numba
 
     with _lock:
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        kernel(*args)
+        return kernel(*args)
 
 
 def _nhwc(t: torch.Tensor) -> np.ndarray:
@@ -99,6 +102,33 @@ def max_pool(
     return values, indices
 
 
+def max_unpool(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    hw: tuple[int, int],
+) -> tuple[torch.Tensor, int]:
+    """NaN max unpooling of (N, C, Ho, Wo) ``values`` / int64 ``indices`` into (N, C, H, W), in
+    ``values``' memory format; also returns how many finite values had an out-of-range index."""
+    jit = _compiled()
+    n, c = values.shape[:2]
+    if channels_last(values):
+        out = torch.empty(n, c, *hw, dtype=values.dtype, memory_format=torch.channels_last)
+        args = (_nhwc(values), _nhwc(indices.contiguous(memory_format=torch.channels_last)),
+                *k, *s, *p, _nhwc(out))
+        if k[0] > s[0] or k[1] > s[1]:  # overlapping windows
+            return out, int(_run(jit.max_unpool_nhwc, *args, UNPOOL_CHANNEL_BLOCK))
+        strays = np.empty((n, values.shape[2]), np.int64)
+        _run(jit.max_unpool_nhwc_rows, *args, strays)
+        bad = _run(jit.max_unpool_nhwc_strays, *args, strays) if strays.any() else 0
+    else:
+        out = torch.empty(n, c, *hw, dtype=values.dtype)
+        bad = _run(jit.max_unpool_nchw, _nchw(values), _nchw(indices), *k, *s, *p, out.numpy())
+    return out, int(bad)
+
+
 def pixel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pixel of (N, C, H, W) ``x``: NaN entries over the channels (int32) and the sum of the
     numbers (float64), both (N, H, W), in one pass over ``x``."""
@@ -124,18 +154,28 @@ def window_layout(
     channels: int,
     threshold: float,
     count_padding: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(nan_count int32, skip, partial, mean float64), each (N, Ho, Wo), from per-pixel maps."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(skip, partial, mean float64), each (N, Ho, Wo), from per-pixel maps, and the numbers
+    of skipped and of partial positions."""
     jit = _compiled()
     shape = (count.shape[0], *out_hw)
-    nan_count = torch.empty(shape, dtype=torch.int32)
     skip = torch.empty(shape, dtype=torch.bool)
     partial = torch.empty(shape, dtype=torch.bool)
     mean = torch.empty(shape, dtype=torch.float64)
-    _run(jit.window_layout, count.numpy(), total.numpy(), *k, *s, *p, *d, channels,
-         float(threshold), count_padding, nan_count.numpy(), skip.numpy(), partial.numpy(),
-         mean.numpy())
-    return nan_count, skip, partial, mean
+    skipped, partials = _run(jit.window_layout, count.numpy(), total.numpy(), *k, *s, *p, *d,
+                             channels, float(threshold), count_padding, skip.numpy(),
+                             partial.numpy(), mean.numpy())
+    return skip, partial, mean, int(skipped), int(partials)
+
+
+def band_rects(skip: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, int, int]]:
+    """``(n, r0, r1, c0, c1)`` (inclusive) per batch item and band of ``band_rows`` output rows
+    of (N, Ho, Wo) ``skip`` that computes anything: its computed rows and column span."""
+    jit = _compiled()
+    n, ho = skip.shape[:2]
+    rects = np.empty((n, -(-ho // band_rows), 4), np.int64)
+    _run(jit.band_rects, skip.numpy(), band_rows, rects)
+    return [(i, *r) for i in range(n) for r in rects[i].tolist() if r[0] >= 0]
 
 
 def finish_conv(

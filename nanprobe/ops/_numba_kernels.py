@@ -116,6 +116,169 @@ def max_pool_nhwc(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, valu
 
 
 @njit(parallel=True, cache=True)
+def max_unpool_nchw(values, indices, kh, kw, sh, sw, ph, pw, out):
+    """values, indices: (N, C, Ho, Wo); out: (N, C, H, W). Finite values go to their flat index,
+    NaN values paint their in-bounds window NaN (after every finite write). Returns the number
+    of finite values whose index is outside [0, H*W) (those are not written)."""
+    n_, c_, ho, wo = values.shape
+    h, w = out.shape[2], out.shape[3]
+    bad = 0
+    for q in prange(n_ * c_):
+        c = q % c_
+        n = q // c_
+        plane = out[n, c]
+        plane[:] = 0.0
+        for i in range(ho):
+            for j in range(wo):
+                v = values[n, c, i, j]
+                if v == v:
+                    idx = indices[n, c, i, j]
+                    if idx < 0 or idx >= h * w:
+                        bad += 1
+                    else:
+                        plane[idx // w, idx % w] = v
+        for i in range(ho):
+            for j in range(wo):
+                if values[n, c, i, j] != values[n, c, i, j]:
+                    for r in range(max(i * sh - ph, 0), min(i * sh - ph + kh, h)):
+                        for col in range(max(j * sw - pw, 0), min(j * sw - pw + kw, w)):
+                            plane[r, col] = np.nan
+    return bad
+
+
+@njit(parallel=True, cache=True)
+def max_unpool_nhwc(values, indices, kh, kw, sh, sw, ph, pw, out, block):
+    """values, indices: (N, Ho, Wo, C); out: (N, H, W, C). As ``max_unpool_nchw``; threads own
+    blocks of ``block`` channels of one batch item."""
+    n_, ho, wo, c_ = values.shape
+    h, w = out.shape[1], out.shape[2]
+    for q in prange(n_ * h):
+        out[q // h, q % h] = 0.0
+    blocks = (c_ + block - 1) // block
+    bad = 0
+    for q in prange(n_ * blocks):
+        n = q // blocks
+        c_lo = (q % blocks) * block
+        c_hi = min(c_lo + block, c_)
+        for i in range(ho):
+            for j in range(wo):
+                for c in range(c_lo, c_hi):
+                    v = values[n, i, j, c]
+                    if v == v:
+                        idx = indices[n, i, j, c]
+                        if idx < 0 or idx >= h * w:
+                            bad += 1
+                        else:
+                            out[n, idx // w, idx % w, c] = v
+        for i in range(ho):
+            for j in range(wo):
+                for c in range(c_lo, c_hi):
+                    if values[n, i, j, c] != values[n, i, j, c]:
+                        for r in range(max(i * sh - ph, 0), min(i * sh - ph + kh, h)):
+                            for col in range(max(j * sw - pw, 0), min(j * sw - pw + kw, w)):
+                                out[n, r, col, c] = np.nan
+    return bad
+
+
+@njit(inline="always")
+def _in_window(idx, r_lo, r_hi, c_lo, c_hi, w):
+    """(inside, row, col) of flat index ``idx`` against window rows/cols [lo, hi), no division."""
+    r = r_lo
+    for dr in range(1, r_hi - r_lo):
+        r += idx >= (r_lo + dr) * w
+    col = idx - r * w
+    inside = (idx >= r_lo * w) & (idx < r_hi * w) & (col >= c_lo) & (col < c_hi)
+    return inside, r, col
+
+
+@njit(parallel=True, cache=True)
+def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays):
+    """Non-overlapping windows (kh <= sh, kw <= sw), channels-last: one row-parallel pass.
+
+    The thread of pooled row i owns output rows [i*sh - ph, (i+1)*sh - ph) (the first and last
+    also the margins): it zeroes them, writes its finite values whose index lies in their own
+    window and paints its NaN windows. Values pointing elsewhere ("strays", e.g. decoder values
+    unpooled with an encoder's indices) are only counted per pooled row in ``strays`` (N, Ho);
+    ``max_unpool_nhwc_strays`` writes them afterwards.
+    """
+    n_, ho, wo, c_ = values.shape
+    h, w = out.shape[1], out.shape[2]
+    for q in prange(n_ * ho):
+        i = q % ho
+        n = q // ho
+        top = i * sh - ph
+        lo = 0 if i == 0 else max(top, 0)
+        hi = h if i == ho - 1 else min(top + sh, h)
+        for r in range(lo, hi):
+            out[n, r] = 0.0
+        r_lo = max(top, 0)
+        r_hi = min(top + kh, h)
+        count = 0
+        for j in range(wo):
+            c_lo = max(j * sw - pw, 0)
+            c_hi = min(j * sw - pw + kw, w)
+            for c in range(c_):
+                v = values[n, i, j, c]
+                if v == v:
+                    inside, r, col = _in_window(indices[n, i, j, c], r_lo, r_hi, c_lo, c_hi, w)
+                    if inside:
+                        out[n, r, col, c] = v
+                    else:
+                        count += 1
+                else:
+                    for r in range(r_lo, r_hi):
+                        for col in range(c_lo, c_hi):
+                            out[n, r, col, c] = np.nan
+        strays[n, i] = count
+
+
+@njit(parallel=True, cache=True)
+def max_unpool_nhwc_strays(values, indices, kh, kw, sh, sw, ph, pw, out, strays):
+    """Write the strays of ``max_unpool_nhwc_rows`` as sequential unpooling would have.
+
+    In row-major order per batch item: a stray to flat index t is dropped when t's own window
+    (at most one: windows do not overlap) is NaN (painted) or is later and wrote t itself;
+    otherwise it overwrites. Returns the number of finite values with an index outside
+    [0, H*W) (not written).
+    """
+    n_, ho, wo, c_ = values.shape
+    h, w = out.shape[1], out.shape[2]
+    bad = 0
+    for n in prange(n_):
+        for i in range(ho):
+            if strays[n, i] == 0:
+                continue
+            top = i * sh - ph
+            r_lo = max(top, 0)
+            r_hi = min(top + kh, h)
+            for j in range(wo):
+                c_lo = max(j * sw - pw, 0)
+                c_hi = min(j * sw - pw + kw, w)
+                for c in range(c_):
+                    v = values[n, i, j, c]
+                    if v != v:
+                        continue
+                    t = indices[n, i, j, c]
+                    if _in_window(t, r_lo, r_hi, c_lo, c_hi, w)[0]:
+                        continue
+                    if t < 0 or t >= h * w:
+                        bad += 1
+                        continue
+                    r = t // w
+                    col = t - r * w
+                    oi = (r + ph) // sh
+                    oj = (col + pw) // sw
+                    if oi < ho and oj < wo and r < oi * sh - ph + kh and col < oj * sw - pw + kw:
+                        owner = values[n, oi, oj, c]
+                        if owner != owner:
+                            continue  # painted NaN
+                        if (oi > i or (oi == i and oj > j)) and indices[n, oi, oj, c] == t:
+                            continue  # the later owner's own write stands
+                    out[n, r, col, c] = v
+    return bad
+
+
+@njit(parallel=True, cache=True)
 def pixel_stats_nchw(x, count, total):
     """x: (N, C, H, W); count, total: (N, H, W) NaN entries and sum of numbers per pixel."""
     n_, c_, h, w = x.shape
@@ -155,42 +318,84 @@ def pixel_stats_nhwc(x, count, total):
 
 @njit(parallel=True, cache=True)
 def window_layout(count, total, kh, kw, sh, sw, ph, pw, dh, dw, channels, threshold,
-                  count_padding, nan_count, skip, partial, mean):
-    """Per output position from per-pixel maps (N, H, W): NaN entries, skip, partial, fill mean.
+                  count_padding, skip, partial, mean):
+    """Per output position from per-pixel maps (N, H, W): skip, partial, fill mean (N, Ho, Wo).
 
-    ``count``/``total``: NaN entries / sum of numbers per pixel; outputs (N, Ho, Wo).
-    r = NaN entries / window entries (in-bounds ones unless ``count_padding``); skip if
-    r >= threshold; mean = sum of numbers / non-NaN entries (padding zeros count as entries
-    with ``count_padding``).
+    ``count``/``total``: NaN entries / sum of numbers per pixel. r = NaN entries / window
+    entries (in-bounds ones unless ``count_padding``); skip if r >= threshold; partial if
+    computed with NaN in the window; mean = sum of numbers / non-NaN entries (padding zeros
+    count as entries with ``count_padding``). Separable: column sums over the kH taps of each
+    output row first, then sums over the kW taps. Returns the (skipped, partial) counts.
     """
     n_, h, w = count.shape
     ho, wo = skip.shape[1], skip.shape[2]
     full = channels * kh * kw
+    skipped = 0
+    partials = 0
     for q in prange(n_ * ho):
         i = q % ho
         n = q // ho
+        col_nans = np.zeros(w, np.int64)
+        col_total = np.zeros(w, np.float64)
+        rows_in = 0
+        for di in range(kh):
+            r = i * sh - ph + di * dh
+            if r < 0 or r >= h:
+                continue
+            rows_in += 1
+            for col in range(w):
+                col_nans[col] += count[n, r, col]
+                col_total[col] += total[n, r, col]
         for j in range(wo):
-            inside = 0
+            cols_in = 0
             nans = 0
             tot = 0.0
-            for di in range(kh):
-                r = i * sh - ph + di * dh
-                if r < 0 or r >= h:
+            for dj in range(kw):
+                col = j * sw - pw + dj * dw
+                if col < 0 or col >= w:
                     continue
-                for dj in range(kw):
-                    col = j * sw - pw + dj * dw
-                    if col < 0 or col >= w:
-                        continue
-                    inside += channels
-                    nans += count[n, r, col]
-                    tot += total[n, r, col]
-            entries = full if count_padding else inside
-            ratio = nans / max(entries, 1.0)
-            s = ratio >= threshold
-            nan_count[n, i, j] = nans
+                cols_in += 1
+                nans += col_nans[col]
+                tot += col_total[col]
+            entries = full if count_padding else channels * rows_in * cols_in
+            s = nans / max(entries, 1.0) >= threshold  # as the reference computes it
+            p = nans > 0 and not s
             skip[n, i, j] = s
-            partial[n, i, j] = nans > 0 and not s
+            partial[n, i, j] = p
             mean[n, i, j] = tot / max(entries - nans, 1)
+            skipped += s
+            partials += p
+    return skipped, partials
+
+
+@njit(parallel=True, cache=True)
+def band_rects(skip, band_rows, rects):
+    """rects (N, bands, 4) = (r0, r1, c0, c1), inclusive, of each band's computed positions of
+    skip (N, Ho, Wo); r0 = -1 when the band has none."""
+    n_, ho, wo = skip.shape
+    bands = rects.shape[1]
+    for q in prange(n_ * bands):
+        b = q % bands
+        n = q // bands
+        r0, r1, c0, c1 = -1, -1, wo, -1
+        for i in range(b * band_rows, min((b + 1) * band_rows, ho)):
+            first = -1
+            last = -1
+            for j in range(wo):
+                if not skip[n, i, j]:
+                    if first < 0:
+                        first = j
+                    last = j
+            if first >= 0:
+                if r0 < 0:
+                    r0 = i
+                r1 = i
+                c0 = min(c0, first)
+                c1 = max(c1, last)
+        rects[n, b, 0] = r0
+        rects[n, b, 1] = r1
+        rects[n, b, 2] = c0
+        rects[n, b, 3] = c1
 
 
 @njit(parallel=True, cache=True)

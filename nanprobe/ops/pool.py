@@ -210,6 +210,12 @@ def nan_max_unpool2d(
         if expected != (ho, wo):
             raise ValueError(f"output_size {(h, w)} is inconsistent with pooled size {(ho, wo)} "
                              f"for kernel_size={k}, stride={s}, padding={p}")
+    if _kernels.enabled(v4):
+        out, bad = _kernels.max_unpool(v4, i4, k, s, p, (h, w))
+        if bad:
+            raise ValueError(f"indices out of range for an output of size {(h, w)}: "
+                             f"expected values in [0, {h * w})")
+        return out.squeeze(0) if squeeze else out
     nan = torch.isnan(v4)
     has_nan = bool(nan.any())
     if has_nan:  # send a NaN window's write into its own window, which is painted NaN below
