@@ -2,7 +2,10 @@
 
 Prints t(plain) / t(nanified) on coronal slices of the bundled brain (goal: >= 1.3x) with the
 skip ratio and the label agreement (goal: >= 99.9 % identical labels), measured side by side in
-one run (interleaved repetitions, medians). The thresholds come from ``--thresholds
+one run (interleaved repetitions, medians). Part of the nanified model's speed is memory layout,
+not skipping (its convolutions run channels-last, which oneDNN computes faster), so the same
+plain model converted to channels-last is timed too: t(plain, channels-last) / t(nanified) is
+what the skipping alone gains or costs. The thresholds come from ``--thresholds
 thresholds.json`` (e.g. written by ``nanprobe analyze``), else from a quick
 ``nanprobe.calibrate.calibrate`` run on the default calibration slices.
 
@@ -56,12 +59,15 @@ def main() -> None:
     loaded = load("default")
     x = prepare_input("default", loaded, slices=args.slices).tensor
     plain = loaded.model
+    plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     nan_model = nanify(copy.deepcopy(plain), config=config)
 
-    def run(model):
+    def run(model, channels_last=False):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
         def fn():
             with torch.no_grad():
-                return torch.cat([model(x[i:i + args.batch])
+                return torch.cat([model(x[i:i + args.batch].contiguous(memory_format=fmt))
                                   for i in range(0, len(x), args.batch)])
         return fn
 
@@ -69,7 +75,8 @@ def main() -> None:
     skip_stats(nan_model, reset=True)
     got = labels_from_logits(run(nan_model)()).numpy()
     total = skip_table(skip_stats(nan_model))[-1]
-    t_plain, t_nan = interleaved_times([run(plain), run(nan_model)], args.reps)
+    t_plain, t_cl, t_nan = interleaved_times(
+        [run(plain), run(plain_cl, channels_last=True), run(nan_model)], args.reps)
 
     identical = float((ref == got).mean())
     dice = mean_foreground_dice(dice_per_class(got, ref, loaded.num_classes))
@@ -77,12 +84,15 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, default U-Net, "
           f"{len(x)} coronal slices ({args.slices}), batch {args.batch}, {args.reps} reps")
     print(f"# thresholds: {json.dumps(config['defaults'], sort_keys=True)}")
-    print("| model | t per slice ms | speed-up | skipped positions | skipped MACs | "
+    print("| model | t per slice ms | t(plain) / t | skipped positions | skipped MACs | "
           "identical labels | mean Dice vs plain |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| plain | {t_plain / len(x) * 1e3:.1f} | 1.00x | - | - | - | - |")
+    print(f"| plain (as given, NCHW) | {t_plain / len(x) * 1e3:.1f} | 1.00x | - | - | - | - |")
+    print(f"| plain, channels-last | {t_cl / len(x) * 1e3:.1f} | {t_plain / t_cl:.2f}x | - | - | "
+          "- | - |")
     print(f"| nanified | {t_nan / len(x) * 1e3:.1f} | {speedup:.2f}x | {total['skipped']:.1%} | "
           f"{total['macs_skipped']:.1%} | {identical:.3%} | {dice:.4f} |")
+    print(f"skipping alone (t(plain, channels-last) / t(nanified)): {t_cl / t_nan:.2f}x")
     met = speedup >= 1.3 and identical >= 0.999
     print(f"goal (>= 1.3x with >= 99.9 % identical labels): {'met' if met else 'NOT met'}")
 

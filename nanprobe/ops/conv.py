@@ -31,6 +31,8 @@ IMPLS = ("auto", "reference", "fast")
 
 #: output rows per band of the fast path
 BAND_ROWS = 64
+#: band rectangles grow to multiples of this many rows/columns, so bands share conv2d calls
+BAND_QUANTUM = 8
 #: ``auto`` runs one dense conv unless the bands cover at most this fraction of the output map
 AUTO_MAX_BAND_FRACTION = 0.85
 #: ``auto`` bands a batch item only when its dense convolution has at least this many MACs or
@@ -314,25 +316,51 @@ def _bands(active: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, in
     return [tuple(r) for r in rect[rect[..., 2] >= 0].tolist()]
 
 
-def _dense_crop(
-    x: torch.Tensor, g: _Geometry, rows: tuple[int, int], cols: tuple[int, int]
-) -> torch.Tensor:
-    """The zero-padded, NaN-free input region that output rows/cols (inclusive) read.
+Rect = tuple[int, int, int, int, int]  # (item, r0, r1, c0, c1), inclusive output positions
 
-    Returned in channels-last layout: oneDNN's convolution is markedly faster on it, and the
-    copy is one conv2d would make of a strided view anyway.
+
+def _widen(a: int, b: int, lo: int, hi: int) -> tuple[int, int]:
+    """[a, b] grown to a multiple of ``BAND_QUANTUM`` (at most [lo, hi]) inside [lo, hi]."""
+    size = min(-(-(b - a + 1) // BAND_QUANTUM) * BAND_QUANTUM, hi - lo + 1)
+    b = min(a + size - 1, hi)
+    return b - size + 1, b
+
+
+def _quantise(rects: list[Rect], ho: int, wo: int) -> list[Rect]:
+    """Rectangles widened to multiples of ``BAND_QUANTUM`` rows/columns within their band, so
+    that more of them share a shape (and a conv2d call); they stay disjoint."""
+    out = []
+    for i, r0, r1, c0, c1 in rects:
+        top = r0 // BAND_ROWS * BAND_ROWS
+        out.append((i, *_widen(r0, r1, top, min(top + BAND_ROWS, ho) - 1),
+                    *_widen(c0, c1, 0, wo - 1)))
+    return out
+
+
+def _dense_crops(x: torch.Tensor, g: _Geometry, rects: list[Rect]) -> torch.Tensor:
+    """(len(rects), C, h, w) channels-last batch of the zero-padded, NaN-free input regions that
+    the equally shaped output rectangles read.
+
+    Channels-last: oneDNN's convolution is markedly faster on it, and the copy is one conv2d
+    would make of a strided view anyway.
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
     h, w = x.shape[-2:]
-    top, bottom = rows[0] * sh - ph, rows[1] * sh - ph + dh * (kh - 1) + 1
-    left, right = cols[0] * sw - pw, cols[1] * sw - pw + dw * (kw - 1) + 1
-    crop = x[..., max(top, 0) : min(bottom, h), max(left, 0) : min(right, w)]
-    pads = (max(-left, 0), max(right - w, 0), max(-top, 0), max(bottom - h, 0))
-    if any(pads):
-        crop = F.pad(crop, pads)
-    out = torch.empty(crop.shape, dtype=crop.dtype, device=crop.device,
+    _, r0, r1, c0, c1 = rects[0]
+    rows, cols = (r1 - r0) * sh + dh * (kh - 1) + 1, (c1 - c0) * sw + dw * (kw - 1) + 1
+    buf = torch.empty(len(rects), x.shape[1], rows, cols, dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
-    return torch.nan_to_num(crop, nan=0.0, posinf=float("inf"), neginf=float("-inf"), out=out)
+    for k, (i, r0, _, c0, _) in enumerate(rects):
+        top, left = r0 * sh - ph, c0 * sw - pw
+        t, b = max(top, 0), min(top + rows, h)
+        le, ri = max(left, 0), min(left + cols, w)
+        dst = buf[k]
+        if (t, b, le, ri) != (top, top + rows, left, left + cols):  # reaches into the padding
+            dst.zero_()
+            dst = dst[:, t - top : b - top, le - left : ri - left]
+        torch.nan_to_num(x[i, :, t:b, le:ri], nan=0.0, posinf=float("inf"),
+                         neginf=float("-inf"), out=dst)
+    return buf
 
 
 def _fill_outside(y: torch.Tensor, rects: list[tuple[int, int, int, int, int]]) -> None:
@@ -383,7 +411,8 @@ def _fast(
 
     w_cl = weight.contiguous(memory_format=torch.channels_last)
     if not banded:
-        y = F.conv2d(_dense_crop(x, g, (0, ho - 1), (0, wo - 1)), w_cl, bias, g.s, 0, g.d)
+        y = F.conv2d(_dense_crops(x, g, [(i, 0, ho - 1, 0, wo - 1) for i in range(n)]), w_cl,
+                     bias, g.s, 0, g.d)
         band_area = n * ho * wo
         if not fused:
             y.masked_fill_(skip.unsqueeze(1), float("nan"))
@@ -392,12 +421,17 @@ def _fast(
                         memory_format=torch.channels_last)
         if not fused:
             _fill_outside(y, rects)
-        for i, r0, r1, c0, c1 in rects:
-            band = F.conv2d(_dense_crop(x[i : i + 1], g, (r0, r1), (c0, c1)), w_cl, bias, g.s, 0,
-                            g.d)
-            if not fused:
-                band.masked_fill_(skip[i : i + 1, None, r0 : r1 + 1, c0 : c1 + 1], float("nan"))
-            y[i : i + 1, :, r0 : r1 + 1, c0 : c1 + 1] = band
+        shapes: dict[tuple[int, int], list[Rect]] = {}
+        for rect in _quantise(rects, ho, wo):
+            shapes.setdefault((rect[2] - rect[1], rect[4] - rect[3]), []).append(rect)
+        band_area = 0
+        for (rows, cols), group in shapes.items():  # one conv2d per band shape
+            bands = F.conv2d(_dense_crops(x, g, group), w_cl, bias, g.s, 0, g.d)
+            band_area += len(group) * (rows + 1) * (cols + 1)
+            for band, (i, r0, r1, c0, c1) in zip(bands, group):
+                if not fused:
+                    band.masked_fill_(skip[i, None, r0 : r1 + 1, c0 : c1 + 1], float("nan"))
+                y[i, :, r0 : r1 + 1, c0 : c1 + 1] = band
 
     if fused:
         _kernels.finish_conv(y, x, layout.per_pixel, weight, skip, layout.partial, layout.mean,
