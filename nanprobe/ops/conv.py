@@ -31,8 +31,8 @@ IMPLS = ("auto", "reference", "fast")
 
 #: output rows per band of the fast path
 BAND_ROWS = 64
-#: band rectangles grow to multiples of this many rows/columns, so bands share conv2d calls
-BAND_QUANTUM = 8
+#: band rectangles grow to multiples of this many (rows, columns), so bands share conv2d calls
+BAND_QUANTUM = (4, 8)
 #: ``auto`` runs one dense conv unless the bands cover at most this fraction of the output map
 AUTO_MAX_BAND_FRACTION = 0.85
 #: ``auto`` bands a batch item only when its dense convolution has at least this many MACs or
@@ -319,21 +319,21 @@ def _bands(active: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, in
 Rect = tuple[int, int, int, int, int]  # (item, r0, r1, c0, c1), inclusive output positions
 
 
-def _widen(a: int, b: int, lo: int, hi: int) -> tuple[int, int]:
-    """[a, b] grown to a multiple of ``BAND_QUANTUM`` (at most [lo, hi]) inside [lo, hi]."""
-    size = min(-(-(b - a + 1) // BAND_QUANTUM) * BAND_QUANTUM, hi - lo + 1)
+def _widen(a: int, b: int, lo: int, hi: int, quantum: int) -> tuple[int, int]:
+    """[a, b] grown to a multiple of ``quantum`` (at most [lo, hi]) inside [lo, hi]."""
+    size = min(-(-(b - a + 1) // quantum) * quantum, hi - lo + 1)
     b = min(a + size - 1, hi)
     return b - size + 1, b
 
 
 def _quantise(rects: list[Rect], ho: int, wo: int) -> list[Rect]:
-    """Rectangles widened to multiples of ``BAND_QUANTUM`` rows/columns within their band, so
-    that more of them share a shape (and a conv2d call); they stay disjoint."""
+    """Rectangles widened to multiples of ``BAND_QUANTUM`` (rows, columns) within their band,
+    so that more of them share a shape (and a conv2d call); they stay disjoint."""
     out = []
     for i, r0, r1, c0, c1 in rects:
         top = r0 // BAND_ROWS * BAND_ROWS
-        out.append((i, *_widen(r0, r1, top, min(top + BAND_ROWS, ho) - 1),
-                    *_widen(c0, c1, 0, wo - 1)))
+        out.append((i, *_widen(r0, r1, top, min(top + BAND_ROWS, ho) - 1, BAND_QUANTUM[0]),
+                    *_widen(c0, c1, 0, wo - 1, BAND_QUANTUM[1])))
     return out
 
 
@@ -356,7 +356,10 @@ def _dense_crops(x: torch.Tensor, g: _Geometry, rects: list[Rect]) -> torch.Tens
         le, ri = max(left, 0), min(left + cols, w)
         dst = buf[k]
         if (t, b, le, ri) != (top, top + rows, left, left + cols):  # reaches into the padding
-            dst.zero_()
+            dst[:, : t - top].zero_()
+            dst[:, b - top :].zero_()
+            dst[:, :, : le - left].zero_()
+            dst[:, :, ri - left :].zero_()
             dst = dst[:, t - top : b - top, le - left : ri - left]
         torch.nan_to_num(x[i, :, t:b, le:ri], nan=0.0, posinf=float("inf"),
                          neginf=float("-inf"), out=dst)
@@ -428,7 +431,7 @@ def _fast(
         for (rows, cols), group in shapes.items():  # one conv2d per band shape
             bands = F.conv2d(_dense_crops(x, g, group), w_cl, bias, g.s, 0, g.d)
             band_area += len(group) * (rows + 1) * (cols + 1)
-            for band, (i, r0, r1, c0, c1) in zip(bands, group):
+            for band, (i, r0, r1, c0, c1) in zip(bands, group, strict=True):
                 if not fused:
                     band.masked_fill_(skip[i, None, r0 : r1 + 1, c0 : c1 + 1], float("nan"))
                 y[i, :, r0 : r1 + 1, c0 : c1 + 1] = band
