@@ -35,6 +35,8 @@ def test_demo_runs_offline_and_writes_provenance(tmp_path):
     assert res["provenance"]["model"] == "default" and res["provenance"]["input_sha256"]
     assert res["skip"][-1]["layer"] == "all convs" and res["skip"][-1]["skipped"] > 0
     assert res["identical_labels"] > 0.99
+    assert res["speedup_channels_last"] == pytest.approx(
+        res["seconds_plain_channels_last"] / res["seconds_nanified"])
 
 
 def test_demo_rejects_bad_option():

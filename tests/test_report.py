@@ -117,6 +117,12 @@ def test_real_calibration_report(run_copy):
     assert report["speed"]["plain_seconds"] == written["plain"]["seconds"]
     assert [s["speedup"] for s in report["speed"]["settings"]] == [
         s["speedup"] for s in written["settings"]]
+    # the channels-last baseline is timed and shown beside the plain one
+    plain_cl = written["plain"]["seconds_channels_last"]
+    assert report["speed"]["plain_seconds_channels_last"] == plain_cl > 0
+    assert [s["speedup_channels_last"] for s in report["speed"]["settings"]] == [
+        pytest.approx(plain_cl / s["seconds"]) for s in written["settings"]]
+    assert "vs plain channels-last" in text
     focus = report["layers"]["setting"]
     assert report["layers"]["rows"] == written["settings"][focus]["layers"]
     assert report["slices"]["rows"] == written["settings"][focus]["per_item"]
