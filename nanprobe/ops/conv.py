@@ -413,9 +413,11 @@ def _fast(
         banded = False
 
     w_cl = weight.contiguous(memory_format=torch.channels_last)
-    if not banded:
-        y = F.conv2d(_dense_crops(x, g, [(i, 0, ho - 1, 0, wo - 1) for i in range(n)]), w_cl,
-                     bias, g.s, 0, g.d)
+    if not banded:  # one NaN-free channels-last copy of the input, one conv2d
+        dense = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                            memory_format=torch.channels_last)
+        torch.nan_to_num(x, nan=0.0, posinf=float("inf"), neginf=float("-inf"), out=dense)
+        y = F.conv2d(dense, w_cl, bias, g.s, g.p, g.d)
         band_area = n * ho * wo
         if not fused:
             y.masked_fill_(skip.unsqueeze(1), float("nan"))
