@@ -83,6 +83,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .ops import _kernels
+
 __all__ = ["MODES", "MCAMode", "mca_mode"]
 
 MODES: tuple[str, ...] = ("rr", "sr", "mca")
@@ -326,16 +328,20 @@ class MCAMode(TorchDispatchMode):
             gen.manual_seed(self.seed)
         return gen
 
-    def _bits(self, like: Tensor) -> Tensor:
-        """Fair random 0.0 / 1.0 float32 values shaped like ``like``, 8 per drawn byte."""
-        n, device = like.numel(), like.device
+    def _raw_bits(self, like: Tensor) -> Tensor:
+        """Random bytes (int64 0..255), 8 fair bits for each element of ``like``."""
+        raw = torch.empty((like.numel() + 7) // 8, dtype=torch.int64, device=like.device)
+        return raw.random_(0, 256, generator=self._gen(like.device))
+
+    def _bits(self, like: Tensor, raw: Tensor) -> Tensor:
+        """0.0 / 1.0 float32 values shaped like ``like``: bit (i mod 8) of ``raw[i // 8]`` for
+        the row-major index i."""
+        device = like.device
         table = self._tables.get(device)
         if table is None:  # row b holds the 8 bits of byte b
             b = torch.arange(256, device=device)[:, None]
             table = self._tables[device] = ((b >> torch.arange(8, device=device)) & 1).float()
-        raw = torch.empty((n + 7) // 8, dtype=torch.int64, device=device)
-        raw.random_(0, 256, generator=self._gen(device))
-        return torch.index_select(table, 0, raw).view(-1)[:n].view(like.shape)
+        return torch.index_select(table, 0, raw).view(-1)[:like.numel()].view(like.shape)
 
     def _uniform(self, like: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.rand(like.shape, dtype=dtype, device=like.device,
@@ -357,15 +363,26 @@ class MCAMode(TorchDispatchMode):
         out = torch.empty_like(y, dtype=dtype, memory_format=memory_format)
         if out.numel() == 0:
             return out
+        # one draw per element, in row-major order, for the whole result (rr: bits, sr: uniform)
+        raw = self._raw_bits(out) if self.mode == "rr" else None
+        uniform = self._uniform(out, torch.float32) if self.mode == "sr" else None
+        if dtype == torch.float32 and self.mode != "mca" and y.dim() <= 4 and _kernels.enabled(y):
+            _kernels.random_round_f32(y, out, raw, uniform)  # one fused pass
+            return out
+        draws = self._bits(out, raw) if raw is not None else uniform
         size = min(out.numel(), _BLOCK)
         scratch64 = torch.empty(size, dtype=_F64, device=y.device)
         scratch32 = torch.empty(size, dtype=torch.float32, device=y.device)
         for index in _blocks(out.shape):
-            self._round_block(y[index], out[index], scratch64, scratch32)
+            self._round_block(y[index], out[index], None if draws is None else draws[index],
+                              scratch64, scratch32)
         return out
 
-    def _round_block(self, y: Tensor, n: Tensor, scratch64: Tensor, scratch32: Tensor) -> None:
-        """Round float64 ``y`` into ``n`` (same shape) in place, using the scratch buffers."""
+    def _round_block(self, y: Tensor, n: Tensor, draws: Tensor | None, scratch64: Tensor,
+                     scratch32: Tensor) -> None:
+        """Round float64 ``y`` into ``n`` (same shape) in place, using the scratch buffers.
+
+        ``draws``: the block's random bits (rr, 0.0/1.0) or uniform numbers (sr)."""
         n.copy_(y)  # nearest
         if self.mode == "mca":
             z = self._mca_noise(y).add_(y).to(n.dtype)
@@ -380,14 +397,15 @@ class MCAMode(TorchDispatchMode):
         d.nan_to_num_(nan=0.0, posinf=1.0, neginf=-1.0)
         step = _STEP[dtype]
         if self.mode == "rr":
-            d.mul_(self._bits(n))  # keep n with probability 1/2
+            d.mul_(draws)  # keep n with probability 1/2
         else:  # sr: the other neighbour with probability |y - n| / |other - n|
             gap = torch.empty_like(n)
             torch.nextafter(n, torch.add(n, d, alpha=step, out=gap), out=gap).sub_(n)
             p = torch.div(d, gap, out=gap) if dtype == torch.float32 else d / gap
-            d.mul_(self._uniform(n, torch.float32) < p)  # p is NaN only where d is 0
-        target = torch.add(n, d, alpha=step, out=d if dtype == torch.float32 else None)
-        torch.nextafter(n, target.to(dtype), out=n)
+            d.mul_(draws < p)  # p is NaN only where d is 0
+        target = torch.add(n, d, alpha=step)
+        target = torch.where(d == 0, n, target.to(dtype))  # exact (also -0.0): kept
+        torch.nextafter(n, target, out=n)
 
     def _perturb64(self, y: Tensor) -> Tensor:
         """Float64 result of unknown exactness, perturbed (see the module docstring)."""

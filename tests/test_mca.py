@@ -44,6 +44,28 @@ def matmul_case(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Ten
     return a, b, a.double() @ b.double()
 
 
+@pytest.mark.parametrize("mode", ["rr", "sr"])
+def test_fused_rounding_is_bit_identical_to_the_torch_path(mode: str, monkeypatch) -> None:
+    """The numba kernel and the blockwise torch ops round every element the same way."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(3, 5, 7, 11, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
+        -42, 40, (3, 5, 7, 11), generator=g)  # subnormal residuals ... float32 overflow
+    y.view(-1)[:40] = torch.tensor([0.0, -0.0, 1.0, 0.5, -3.0, 2.0**-149, 3.0e38, 3.5e38, -1e39,
+                                    INF, -INF, float("nan"), 1e-46, 1.0 + 2.0**-30] * 3)[:40]
+    cases = [y, y.transpose(1, 3), y[0, :, 2], y[1, 1, 1, :7]]  # strided, 2-D, 1-D
+    for case in cases:
+        got = []
+        for path in ("numba", "torch"):
+            monkeypatch.setenv("NANPROBE_KERNELS", path)
+            got.append(MCAMode(mode, seed=11)._round(case, torch.float32))
+        assert torch.equal(got[0].view(torch.int32), got[1].view(torch.int32))
+        assert not torch.equal(got[0], case.float()), "nothing was rounded"
+    zeros = torch.full((64,), -0.0, dtype=torch.float64)  # exact: even the sign is kept
+    for path in ("numba", "torch"):
+        monkeypatch.setenv("NANPROBE_KERNELS", path)
+        assert torch.signbit(MCAMode(mode, seed=0)._round(zeros, torch.float32)).all()
+
+
 # ------------------------------------------------------------------------------------ arguments
 @pytest.mark.parametrize(
     ("kwargs", "match"),
@@ -74,7 +96,7 @@ def small_net(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_same_seed_bit_identical_different_seed_differs(mode: str) -> None:
+def test_same_seed_bit_identical_different_seed_differs(kernels, mode: str) -> None:
     g = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(s, generator=g) for s in ((2, 3, 16, 16), (4, 3, 3, 3), (4,)))
     runs = []
@@ -103,7 +125,8 @@ def test_stream_continues_across_with_blocks() -> None:
 # ------------------------------------------------------------------------------- inexact results
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["rr", "sr"])
-def test_rounds_to_a_neighbour_of_the_float64_result(mode: str, dtype: torch.dtype) -> None:
+def test_rounds_to_a_neighbour_of_the_float64_result(kernels, mode: str,
+                                                     dtype: torch.dtype) -> None:
     a, b, exact = matmul_case(dtype)
     down, up = neighbours(exact, dtype)
     with mca_mode(mode, seed=5):
@@ -119,7 +142,7 @@ def test_rounds_to_a_neighbour_of_the_float64_result(mode: str, dtype: torch.dty
         assert 0.15 < moved < 0.35
 
 
-def test_rr_changes_low_bits_of_float32_results() -> None:
+def test_rr_changes_low_bits_of_float32_results(kernels) -> None:
     a, b, exact = matmul_case()
     with mca_mode(seed=2):
         y = a @ b
@@ -129,7 +152,7 @@ def test_rr_changes_low_bits_of_float32_results() -> None:
     assert not torch.equal(y, native) and torch.allclose(y, native, rtol=1e-5, atol=1e-5)
 
 
-def test_sr_is_unbiased() -> None:
+def test_sr_is_unbiased(kernels) -> None:
     # one op on 40,000 equal elements: 1 + 1e-8 is 0.0839 ulp above 1
     x = torch.ones(40_000)
     with mca_mode("sr", seed=11):
@@ -167,7 +190,7 @@ def test_mca_noise_grows_as_precision_shrinks() -> None:
 
 # --------------------------------------------------------------------------------- exact results
 @pytest.mark.parametrize("mode", MODES)
-def test_exact_results_are_untouched(mode: str) -> None:
+def test_exact_results_are_untouched(kernels, mode: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(1, 3, 12, 12, generator=g), torch.randn(5, 3, 3, 3), torch.randn(5)
     tied = torch.tensor([[1.5, 1.5, 0.25, 0.25], [1.5, 1.5, 0.25, 0.25]]).view(1, 1, 2, 4)
@@ -185,7 +208,7 @@ def test_exact_results_are_untouched(mode: str) -> None:
         assert torch.equal(cast, torch.tensor([0.5, 3.0, -2.25]))
 
 
-def test_non_finite_results() -> None:
+def test_non_finite_results(kernels) -> None:
     x = torch.tensor([INF, -INF, float("nan"), 3e38, 1.0, 1e-45])
     for seed in range(3):
         with mca_mode(seed=seed):
@@ -355,7 +378,7 @@ def test_float64_convolution(n: int, c: int, o: int, k: int, padding: tuple[int,
 
 
 @pytest.mark.parametrize("kwargs", [{"padding": 1}, {"stride": 2}, {"groups": 2}])
-def test_convolutions_round_to_neighbours(kwargs: dict) -> None:
+def test_convolutions_round_to_neighbours(kernels, kwargs: dict) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 10, 10, generator=g)
     x_cl = x.contiguous(memory_format=torch.channels_last)

@@ -200,3 +200,18 @@ def finish_conv(
     wt = torch.cat([wt, wt.sum(2, keepdim=True)], 2).contiguous().numpy()
     _run(jit.finish_conv, _nhwc(y), x.detach().numpy(), count.numpy(), wt, skip.numpy(),
          partial.numpy(), mean.numpy(), *k, *s, *p, *d, add_mean)
+
+
+def random_round_f32(
+    y: torch.Tensor, out: torch.Tensor, raw: torch.Tensor | None, uniform: torch.Tensor | None
+) -> None:
+    """Round float64 ``y`` into float32 ``out`` (same shape, at most 4-D), like the in-process
+    MCA backend's ``rr`` (``raw``: int64 random bytes, 8 bits per element) or ``sr``
+    (``uniform``: float32 draws per element) rounding, in one pass."""
+    jit = _compiled()
+    lead = (None,) * (4 - y.dim())
+    _run(jit.random_round_f32, y.detach()[lead].numpy(), out[lead].numpy(),
+         out.view(torch.int32)[lead].numpy(),
+         np.zeros(1, np.int64) if raw is None else raw.numpy(),
+         np.zeros(1, np.float32) if uniform is None else uniform.reshape(-1).numpy(),
+         uniform is not None)

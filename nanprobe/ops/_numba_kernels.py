@@ -444,3 +444,47 @@ def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh
             m = mean[n, i, j]
             for co in range(cout):
                 y[n, i, j, co] += m * acc[co]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def random_round_f32(y, out, out_bits, raw, uniform, stochastic):
+    """Float64 ``y`` randomly rounded into float32 ``out`` (both 4-D, any strides), exact kept.
+
+    ``out_bits`` is ``out`` seen as int32. Same arithmetic as ``MCAMode._round_block`` (both
+    give identical bits): n = nearest; r = float32(y - n); where r != 0 and n is finite, the
+    other neighbour is n one ulp towards r (integer step of its bits). ``rr`` (``stochastic``
+    False): take it when bit (i mod 8) of ``raw[i // 8]`` is set, i the row-major index;
+    ``sr``: when ``uniform[i] < r / (other - n)``.
+    """
+    a, b, c, w = y.shape
+    for q in prange(a * b * c):
+        k = q % c
+        j = (q // c) % b
+        i = q // (b * c)
+        cell = np.empty(1, np.float32)
+        cell_bits = cell.view(np.int32)
+        for m in range(w):
+            v = y[i, j, k, m]
+            n = np.float32(v)
+            r = np.float32(v - np.float64(n))
+            if r == 0 or r != r or not np.isfinite(n):  # exact, NaN or overflowed: kept
+                out[i, j, k, m] = n
+                continue
+            idx = q * w + m
+            cell[0] = n
+            bits = cell_bits[0]
+            if n == 0:
+                other = np.int32(1) if r > 0 else np.int32(-2147483647)  # +-smallest subnormal
+            elif (n > 0) == (r > 0):
+                other = bits + np.int32(1)
+            else:
+                other = bits - np.int32(1)
+            if stochastic:
+                cell_bits[0] = other
+                take = uniform[idx] < r / (cell[0] - n)
+            else:
+                take = (raw[idx >> 3] >> (idx & 7)) & 1
+            if take:
+                out_bits[i, j, k, m] = other
+            else:
+                out[i, j, k, m] = n
