@@ -62,10 +62,12 @@ bit-identical sample (on one machine and thread count: float64 GEMMs may sum in 
 elsewhere). The stream continues across ``with`` blocks of one mode object (each forward
 gets fresh noise); build a new mode with the same seed to replay.
 
-**Cost.** Each perturbed result costs a float64 recompute plus about ten elementwise passes
-(run block by block, in cache). On one CPU thread a forward of FastSurferVINN (16 filters,
-eval, no_grad) takes about 6x its plain time on one 256x256 slice, 7-8x on four; ``"sr"`` and
-``"mca"`` cost more (float random numbers). A fused kernel would be needed to get near 2x.
+**Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
+results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`, bit-identical
+to the torch ops used elsewhere), otherwise about ten elementwise passes run block by block in
+cache. On 2 CPU threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256
+slices takes about 8x its plain time in ``"rr"``, more in ``"sr"`` and ``"mca"`` (float random
+numbers); most of it is the float64 recompute (a convolution costs about 9x its float32 one).
 """
 
 from __future__ import annotations
