@@ -215,3 +215,30 @@ def random_round_f32(
          np.zeros(1, np.int64) if raw is None else raw.numpy(),
          np.zeros(1, np.float32) if uniform is None else uniform.reshape(-1).numpy(),
          uniform is not None)
+
+
+def noisy_max_partial(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    where: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    noise: torch.Tensor,
+    sigma: float,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    d: tuple[int, int],
+    count_padding: bool,
+) -> None:
+    """In place on ``y`` (N, C_out, Ho, Wo): the ``noisy_max``-filled dot products at the
+    positions ``where`` (row-major), with ``noise`` (P, C_in * kH * kW) drawn in that order."""
+    jit = _compiled()
+    cout, cin = weight.shape[:2]
+    scalar = np.dtype(str(x.dtype).removeprefix("torch.")).type
+    wt = weight.detach().permute(2, 3, 1, 0).reshape(-1, cin, cout).contiguous().numpy()
+    b = (torch.zeros(cout, dtype=x.dtype) if bias is None else bias.detach()).contiguous().numpy()
+    pn, pr, pc = (t.contiguous().numpy() for t in where)
+    _run(jit.noisy_max_partial, y.numpy(), x.detach().numpy(), wt, b, pn, pr, pc,
+         noise.reshape(len(pn), cin, -1).numpy(), scalar(sigma), scalar(-np.inf), *k, *s, *p,
+         *d, count_padding)

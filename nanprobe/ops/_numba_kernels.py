@@ -488,3 +488,51 @@ def random_round_f32(y, out, out_bits, raw, uniform, stochastic):
                 out_bits[i, j, k, m] = other
             else:
                 out[i, j, k, m] = n
+
+
+@njit(parallel=True, cache=True)
+def noisy_max_partial(y, x, wt, bias, pn, pr, pc, noise, sigma, lowest, kh, kw, sh, sw, ph, pw,
+                      dh, dw, count_padding):
+    """Overwrite ``y`` (N, C_out, Ho, Wo) at the partially-NaN positions (pn, pr, pc) with the
+    dot products of their windows filled the ``noisy_max`` way.
+
+    x: (N, C_in, H, W); wt: (kH*kW, C_in, C_out); bias: (C_out,); noise: (P, C_in, kH*kW), one
+    N(0, 1) draw per window entry in the reference's order. A NaN entry becomes m + sigma*noise,
+    m the max of the window's numbers (padding zeros count with ``count_padding``); padding
+    entries are 0. ``sigma`` and ``lowest`` (-inf) are scalars of x's dtype, so that the fill is
+    computed in that precision, as the torch path does.
+    """
+    cin, h, w = x.shape[1], x.shape[2], x.shape[3]
+    cout = wt.shape[2]
+    zero = sigma - sigma
+    for p in prange(pn.shape[0]):
+        n, i, j = pn[p], pr[p], pc[p]
+        peak = lowest
+        for di in range(kh):
+            r = i * sh - ph + di * dh
+            for dj in range(kw):
+                col = j * sw - pw + dj * dw
+                if r < 0 or r >= h or col < 0 or col >= w:
+                    if count_padding:
+                        peak = max(peak, zero)
+                    continue
+                for c in range(cin):
+                    v = x[n, c, r, col]
+                    if v == v:
+                        peak = max(peak, v)
+        acc = bias.copy()
+        for di in range(kh):
+            r = i * sh - ph + di * dh
+            for dj in range(kw):
+                col = j * sw - pw + dj * dw
+                if r < 0 or r >= h or col < 0 or col >= w:
+                    continue  # padding entries are 0
+                t = di * kw + dj
+                for c in range(cin):
+                    v = x[n, c, r, col]
+                    if v != v:
+                        v = peak + sigma * noise[p, c, t]
+                    for co in range(cout):
+                        acc[co] += v * wt[t, c, co]
+        for co in range(cout):
+            y[n, co, i, j] = acc[co]

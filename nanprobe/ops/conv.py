@@ -447,6 +447,10 @@ def _fast(
     if where[0].numel():
         if fill == "mean":
             _add_mean_fill(x, weight, g, y, where, layout)
+        elif fused:
+            noise = _noise(len(where[0]), weight[0].numel(), x, fill, generator)
+            _kernels.noisy_max_partial(y, x, weight, bias, where, noise, sigma, g.k, g.s, g.p,
+                                       g.d, count_padding)
         else:
             _recompute_partial(x, weight, bias, g, y, where, fill, sigma, generator,
                                count_padding)
