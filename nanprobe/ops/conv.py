@@ -4,13 +4,14 @@ Two implementations with the same semantics:
 
 - ``reference``: unfold the whole input (im2col) and apply the rules column by column; slow and
   memory hungry but obviously correct;
-- ``fast``: one dense ``F.conv2d`` per band of output rows, cropped to the band's active
-  (non-skipped) columns, on the input with NaN replaced by 0. That is already exact wherever a
-  window holds no NaN; the few partially-NaN windows (a thin border band in practice) then get
-  the mean fill's term added by linearity (or, for ``noisy_max``, are recomputed from gathered
-  columns). Skipped positions cost nothing but their NaN write. On CPU the NaN bookkeeping
-  (per-pixel counts, skip/partial decisions, NaN writes, mean-fill term) runs in fused numba
-  kernels (:mod:`._kernels`), elsewhere in torch ops.
+- ``fast``: per batch item and band of output rows, one dense ``F.conv2d`` over the band's
+  active (non-skipped) rectangle, on the input with NaN replaced by 0 (equally shaped
+  rectangles share one call). That is already exact wherever a window holds no NaN; the few
+  partially-NaN windows (a thin border band in practice) then get the mean fill's term added by
+  linearity (or, for ``noisy_max``, are recomputed). Skipped positions cost nothing but their
+  NaN write. On CPU the NaN bookkeeping (per-pixel counts, skip/partial decisions, band
+  rectangles, NaN writes, mean-fill term, noisy_max recompute) runs in fused numba kernels
+  (:mod:`._kernels`), elsewhere in torch ops.
 
 ``impl="auto"`` uses the banded path when the bands save enough work, otherwise a single dense
 convolution over the whole map (the same code with one band).
