@@ -19,6 +19,7 @@ convolution over the whole map (the same code with one band).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,8 @@ AUTO_MAX_BAND_FRACTION = 0.85
 #: its input this many elements (below both, the calls' overhead outweighs what bands save)
 AUTO_MIN_MACS = 2.5e7
 AUTO_MIN_ELEMENTS = 1 << 18
+#: largest temporary convolution input kept in the per-thread scratch buffer
+SCRATCH_MAX_BYTES = 256 << 20
 #: NaN-free CPU convolutions with at least this many MACs run in channels-last layout
 CHANNELS_LAST_MIN_MACS = 1e8
 #: gathered window entries per chunk when recomputing partially-NaN windows
@@ -214,6 +217,28 @@ def _nan_layout(
                       entries=entries)
 
 
+_scratch = threading.local()
+
+
+def _scratch_cl(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised channels-last (N, C, H, W) tensor for a temporary convolution input.
+
+    On CPU it is a view into a per-thread buffer reused across calls (up to
+    :data:`SCRATCH_MAX_BYTES`): fresh multi-MB allocations cost page faults that take as long
+    as the copy itself on small machines. The view is only valid until the next call.
+    """
+    n, c, h, w = shape
+    count = n * c * h * w
+    nbytes = count * like.element_size()
+    if like.device.type != "cpu" or nbytes > SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=like.dtype, device=like.device,
+                           memory_format=torch.channels_last)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes].view(like.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def _dense(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: _Geometry
 ) -> torch.Tensor:
@@ -222,7 +247,8 @@ def _dense(
     n = x.shape[0]
     macs = n * g.out_hw[0] * g.out_hw[1] * weight.numel()
     if x.device.type == "cpu" and macs >= CHANNELS_LAST_MIN_MACS:
-        x = x.contiguous(memory_format=torch.channels_last)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = _scratch_cl(tuple(x.shape), x).copy_(x)
         weight = weight.contiguous(memory_format=torch.channels_last)
     return F.conv2d(x, weight, bias, g.s, g.p, g.d)
 
@@ -349,8 +375,7 @@ def _dense_crops(x: torch.Tensor, g: _Geometry, rects: list[Rect]) -> torch.Tens
     h, w = x.shape[-2:]
     _, r0, r1, c0, c1 = rects[0]
     rows, cols = (r1 - r0) * sh + dh * (kh - 1) + 1, (c1 - c0) * sw + dw * (kw - 1) + 1
-    buf = torch.empty(len(rects), x.shape[1], rows, cols, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last)
+    buf = _scratch_cl((len(rects), x.shape[1], rows, cols), x)
     for k, (i, r0, _, c0, _) in enumerate(rects):
         top, left = r0 * sh - ph, c0 * sw - pw
         t, b = max(top, 0), min(top + rows, h)
@@ -415,8 +440,7 @@ def _fast(
 
     w_cl = weight.contiguous(memory_format=torch.channels_last)
     if not banded:  # one NaN-free channels-last copy of the input, one conv2d
-        dense = torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                            memory_format=torch.channels_last)
+        dense = _scratch_cl(tuple(x.shape), x)
         torch.nan_to_num(x, nan=0.0, posinf=float("inf"), neginf=float("-inf"), out=dense)
         y = F.conv2d(dense, w_cl, bias, g.s, g.p, g.d)
         band_area = n * ho * wo
