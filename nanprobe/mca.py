@@ -253,6 +253,8 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
             dilation: list[int], transposed: bool, groups: int) -> Tensor | None:
     """Float64 2-D convolution as one GEMM per kernel tap on a zero-padded copy of ``x``.
 
+    ``x``, ``w``, ``b`` may be of the working dtype (they are cast up exactly here).
+
     PyTorch's own float64 CPU convolution (im2col) is ~15x slower than its float32 one; this is
     2-3x. Returns None where it does not apply (strided, transposed, grouped, not 2-D, not CPU).
     """
@@ -267,13 +269,16 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
     ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
     if ho <= 0 or wo <= 0:
         return None
-    xp = torch.empty((c, n, hp, wp), dtype=_F64)
-    if ph or pw:  # zero only the border
-        xp[:, :, :ph].zero_()
-        xp[:, :, ph + h:].zero_()
-        xp[:, :, ph:ph + h, :pw].zero_()
-        xp[:, :, ph:ph + h, pw + wd:].zero_()
-    xp[:, :, ph:ph + h, pw:pw + wd].copy_(x.transpose(0, 1))
+    if _kernels.enabled(x):  # upcast, pad and transpose in one pass
+        xp = _kernels.pad_transpose_f64(x, (ph, pw))
+    else:
+        xp = torch.empty((c, n, hp, wp), dtype=_F64)
+        if ph or pw:  # zero only the border
+            xp[:, :, :ph].zero_()
+            xp[:, :, ph + h:].zero_()
+            xp[:, :, ph:ph + h, :pw].zero_()
+            xp[:, :, ph:ph + h, pw + wd:].zero_()
+        xp[:, :, ph:ph + h, pw:pw + wd].copy_(x.transpose(0, 1))
     flat = xp.view(c, -1)
     plane = hp * wp
     cols = n * plane - dh * (kh - 1) * wp - dw * (kw - 1)  # positions whose taps are in range
@@ -492,6 +497,14 @@ class MCAMode(TorchDispatchMode):
                 return _F64
             return x
 
+        if (func is _CONVOLUTION and not kwargs
+                and all(t.dtype == dtype for t in args[:3] if isinstance(t, Tensor))):
+            y = _conv64(*args[:6], args[6], args[8])  # casts up itself, in one pass
+            if y is not None:
+                cl = not args[0].is_contiguous() and args[0].is_contiguous(
+                    memory_format=torch.channels_last)
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                return self._round(y, dtype, fmt)
         args64, kwargs64 = tree_unflatten([up(x) for x in flat], spec)
         if func is _CONVOLUTION and not kwargs64:
             y = _conv64(*args64[:6], args64[6], args64[8])

@@ -242,3 +242,12 @@ def noisy_max_partial(
     _run(jit.noisy_max_partial, y.numpy(), x.detach().numpy(), wt, b, pn, pr, pc,
          noise.reshape(len(pn), cin, -1).numpy(), scalar(sigma), scalar(-np.inf), *k, *s, *p,
          *d, count_padding)
+
+
+def pad_transpose_f64(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """(C, N, H + 2ph, W + 2pw) float64 copy of (N, C, H, W) ``x``, zero-padded, in one pass."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    xp = torch.empty((c, n, h + 2 * ph, w + 2 * pw), dtype=torch.float64)
+    _run(_compiled().pad_transpose_f64, x.detach().numpy(), ph, pw, xp.numpy())
+    return xp

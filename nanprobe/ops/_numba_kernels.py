@@ -536,3 +536,25 @@ def noisy_max_partial(y, x, wt, bias, pn, pr, pc, noise, sigma, lowest, kh, kw, 
                         acc[co] += v * wt[t, c, co]
         for co in range(cout):
             y[n, co, i, j] = acc[co]
+
+
+@njit(parallel=True, cache=True)
+def pad_transpose_f64(x, ph, pw, xp):
+    """xp (C, N, H + 2ph, W + 2pw) float64 = x (N, C, H, W), any float dtype and strides,
+    zero-padded by (ph, pw) and channel-major: the operand of a GEMM-per-tap convolution."""
+    n_, c_, h, w = x.shape
+    hp, wp = xp.shape[2], xp.shape[3]
+    for q in prange(c_ * n_):
+        c = q // n_
+        n = q % n_
+        for r in range(hp):
+            rr = r - ph
+            if rr < 0 or rr >= h:
+                xp[c, n, r, :] = 0.0
+                continue
+            for col in range(pw):
+                xp[c, n, r, col] = 0.0
+            for col in range(w):
+                xp[c, n, r, col + pw] = x[n, c, rr, col]
+            for col in range(pw + w, wp):
+                xp[c, n, r, col] = 0.0
