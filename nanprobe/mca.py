@@ -66,7 +66,7 @@ gets fresh noise); build a new mode with the same seed to replay.
 results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`, bit-identical
 to the torch ops used elsewhere), otherwise about ten elementwise passes run block by block in
 cache. On 2 CPU threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256
-slices takes about 8x its plain time in ``"rr"``, more in ``"sr"`` and ``"mca"`` (float random
+slices takes about 7x its plain time in ``"rr"``, more in ``"sr"`` and ``"mca"`` (float random
 numbers); most of it is the float64 recompute (a convolution costs about 9x its float32 one).
 """
 
