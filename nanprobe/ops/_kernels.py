@@ -58,6 +58,11 @@ def _run(kernel, *args):
         return kernel(*args)
 
 
+def _scalar(dtype: torch.dtype) -> type:
+    """The NumPy scalar type of a torch dtype (kernel scalars must match the arrays' dtype)."""
+    return np.dtype(str(dtype).removeprefix("torch.")).type
+
+
 def _nhwc(t: torch.Tensor) -> np.ndarray:
     """(N, H, W, C) numpy view of an (N, C, H, W) tensor (no copy)."""
     return t.detach().permute(0, 2, 3, 1).numpy()
@@ -89,7 +94,7 @@ def max_pool(
     """
     jit = _compiled()
     n, c = x.shape[:2]
-    scalar = np.dtype(str(x.dtype).removeprefix("torch.")).type
+    scalar = _scalar(x.dtype)
     cl = channels_last(x)
     fmt = torch.channels_last if cl else torch.contiguous_format
     values = torch.empty(n, c, *out_hw, dtype=x.dtype, memory_format=fmt)
@@ -235,7 +240,7 @@ def noisy_max_partial(
     positions ``where`` (row-major), with ``noise`` (P, C_in * kH * kW) drawn in that order."""
     jit = _compiled()
     cout, cin = weight.shape[:2]
-    scalar = np.dtype(str(x.dtype).removeprefix("torch.")).type
+    scalar = _scalar(x.dtype)
     wt = weight.detach().permute(2, 3, 1, 0).reshape(-1, cin, cout).contiguous().numpy()
     b = (torch.zeros(cout, dtype=x.dtype) if bias is None else bias.detach()).contiguous().numpy()
     pn, pr, pc = (t.contiguous().numpy() for t in where)
