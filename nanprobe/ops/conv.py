@@ -49,6 +49,9 @@ CHANNELS_LAST_MIN_MACS = 1e8
 GATHER_CHUNK = 1 << 22
 
 
+Rect = tuple[int, int, int, int, int]  # (item, r0, r1, c0, c1), inclusive output positions
+
+
 @dataclass(frozen=True)
 class ConvSkipStats:
     """What one ``nan_conv2d`` call did (counts summed over the batch)."""
@@ -317,7 +320,7 @@ def _reference(
         shape)
 
 
-def _bands(active: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, int, int]]:
+def _bands(active: torch.Tensor, band_rows: int) -> list[Rect]:
     """Rectangles ``(n, r0, r1, c0, c1)`` (inclusive) covering the active (N, Ho, Wo) positions.
 
     One rectangle per batch item and band of ``band_rows`` output rows that holds an active
@@ -341,9 +344,6 @@ def _bands(active: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, in
                         reduce(rows, big, True), reduce(rows, none, False),
                         reduce(first, big, True), reduce(last, none, False)], 2)
     return [tuple(r) for r in rect[rect[..., 2] >= 0].tolist()]
-
-
-Rect = tuple[int, int, int, int, int]  # (item, r0, r1, c0, c1), inclusive output positions
 
 
 def _widen(a: int, b: int, lo: int, hi: int, quantum: int) -> tuple[int, int]:
@@ -392,7 +392,7 @@ def _dense_crops(x: torch.Tensor, g: _Geometry, rects: list[Rect]) -> torch.Tens
     return buf
 
 
-def _fill_outside(y: torch.Tensor, rects: list[tuple[int, int, int, int, int]]) -> None:
+def _fill_outside(y: torch.Tensor, rects: list[Rect]) -> None:
     """Write NaN to every output position of (N, C, Ho, Wo) ``y`` outside the band rectangles
     (sorted by item, then rows; disjoint)."""
     nan = float("nan")
@@ -420,8 +420,10 @@ def _fast(
 ) -> tuple[torch.Tensor, int]:
     """Banded dense conv + exact handling of partial windows. ``banded=None``: decide.
 
-    Each band's skipped positions are set to NaN while its output is small, and the area
-    outside the bands is filled by slices, so no pass over the whole output is spent on skips.
+    Returns the output and the number of positions computed. NaN at the skipped positions: on
+    CPU the finishing kernel writes them (with the mean fill's term) in one pass; the torch path
+    masks each band while its output is small and fills the area outside the bands by slices,
+    so no pass over the whole output is spent on skips.
     """
     skip = layout.skip
     n = x.shape[0]
