@@ -159,6 +159,8 @@ def nanify(
     :func:`load_config`); its ``defaults`` override the keyword arguments and its ``layers``
     entries override both. What was converted and what was not (e.g. functional ``F.max_pool2d``
     calls, grouped convs) is in ``model.nanify_report``; a :class:`NanifyWarning` names the rest.
+    The NaN modules compute no gradients, and on CPU the convolutions may return channels-last
+    tensors (same shapes and values): code after them must use ``reshape``, not ``view``.
     """
     base = {"tie_limit": tie_limit, "tie_eps": tie_eps, "tie_rtol": tie_rtol,
             "nan_threshold": nan_threshold, "fill": fill, "sigma": sigma,
