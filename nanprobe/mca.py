@@ -137,6 +137,7 @@ _CONVERSIONS = frozenset({"_to_copy", "copy"})
 _LEGACY_BATCH_NORMS = frozenset({"aten::native_batch_norm", "aten::cudnn_batch_norm",
                                  "aten::miopen_batch_norm"})
 _CONVOLUTION = torch.ops.aten.convolution.default
+_PRELU = torch.ops.aten._prelu_kernel.default
 
 
 @dataclass(frozen=True)
@@ -370,9 +371,7 @@ class MCAMode(TorchDispatchMode):
         out = torch.empty_like(y, dtype=dtype, memory_format=memory_format)
         if out.numel() == 0:
             return out
-        # one draw per element, in row-major order, for the whole result (rr: bits, sr: uniform)
-        raw = self._raw_bits(out) if self.mode == "rr" else None
-        uniform = self._uniform(out, torch.float32) if self.mode == "sr" else None
+        raw, uniform = self._draws(out)
         if dtype == torch.float32 and self.mode != "mca" and y.dim() <= 4 and _kernels.enabled(y):
             _kernels.random_round_f32(y, out, raw, uniform)  # one fused pass
             return out
@@ -383,6 +382,31 @@ class MCAMode(TorchDispatchMode):
         for index in _blocks(out.shape):
             self._round_block(y[index], out[index], None if draws is None else draws[index],
                               scratch64, scratch32)
+        return out
+
+    def _draws(self, out: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """One draw per element of ``out``, in row-major order: rr random bytes (8 bits each),
+        sr float32 uniforms (mca draws its noise block by block)."""
+        raw = self._raw_bits(out) if self.mode == "rr" else None
+        uniform = self._uniform(out, torch.float32) if self.mode == "sr" else None
+        return raw, uniform
+
+    def _fused_prelu(self, args: tuple, kwargs: dict) -> Tensor | None:
+        """PReLU of a float32 input computed exactly and rounded in one pass (CPU, rr/sr), with
+        the generic path's bits; None where that does not apply."""
+        if self.mode == "mca" or kwargs or len(args) != 2:
+            return None
+        x, w = args
+        if not (isinstance(x, Tensor) and isinstance(w, Tensor) and x.dtype == w.dtype
+                == torch.float32 and x.dim() <= 4 and _kernels.enabled(x, w)):
+            return None
+        try:
+            if torch.broadcast_shapes(w.shape, x.shape) != x.shape:
+                return None
+        except RuntimeError:
+            return None  # aten raises its own error
+        out = torch.empty_like(x)
+        _kernels.prelu_round_f32(x, w, out, *self._draws(out))
         return out
 
     def _round_block(self, y: Tensor, n: Tensor, draws: Tensor | None, scratch64: Tensor,
@@ -497,6 +521,10 @@ class MCAMode(TorchDispatchMode):
                 return _F64
             return x
 
+        if func is _PRELU:
+            fused = self._fused_prelu(args, kwargs)
+            if fused is not None:
+                return fused
         if (func is _CONVOLUTION and not kwargs
                 and all(t.dtype == dtype for t in args[:3] if isinstance(t, Tensor))):
             y = _conv64(*args[:6], args[6], args[8])  # casts up itself, in one pass

@@ -66,6 +66,26 @@ def test_fused_rounding_is_bit_identical_to_the_torch_path(mode: str, monkeypatc
         assert torch.signbit(MCAMode(mode, seed=0)._round(zeros, torch.float32)).all()
 
 
+@pytest.mark.parametrize("mode", ["rr", "sr"])
+def test_fused_prelu_is_bit_identical_to_the_generic_path(mode: str, monkeypatch) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 6, 7, generator=g)
+    x.view(-1)[:8] = torch.tensor([0.0, -0.0, float("nan"), INF, -INF, 3e38, -3e38, -1e-40])
+    for weight in (torch.tensor([0.3]), torch.rand(5, generator=g) - 0.5):  # inexact products
+        module = torch.nn.PReLU(len(weight))
+        module.weight.data = weight
+        for case in (x, x.contiguous(memory_format=torch.channels_last), x[0, 1]):
+            if case.dim() < 4 and len(weight) > 1:
+                continue
+            got = []
+            for path in ("numba", "torch"):
+                monkeypatch.setenv("NANPROBE_KERNELS", path)
+                with torch.no_grad(), mca_mode(mode, seed=4):
+                    got.append(module(case))
+            assert torch.equal(got[0].view(torch.int32), got[1].view(torch.int32))
+            assert not torch.equal(got[0], F.prelu(case, weight)), "nothing was rounded"
+
+
 # ------------------------------------------------------------------------------------ arguments
 @pytest.mark.parametrize(
     ("kwargs", "match"),

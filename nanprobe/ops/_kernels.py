@@ -207,19 +207,45 @@ def finish_conv(
          partial.numpy(), mean.numpy(), *k, *s, *p, *d, add_mean)
 
 
+def _draws(raw: torch.Tensor | None, uniform: torch.Tensor | None) -> tuple[np.ndarray, ...]:
+    """The random-rounding kernels' draw arguments: raw bytes, uniforms, whether stochastic."""
+    return (np.zeros(1, np.int64) if raw is None else raw.numpy(),
+            np.zeros(1, np.float32) if uniform is None else uniform.reshape(-1).numpy(),
+            uniform is not None)
+
+
+def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """4-D NumPy views of ``tensors`` (shaped like ``like``, at most 4-D) with their axes in
+    ``like``'s memory order, and the row-major index strides of the original order, permuted
+    the same way: kernels then walk memory in order but number elements logically."""
+    lead = (None,) * (4 - like.dim())
+    shape4 = like[lead].shape
+    index = [1, shape4[3], shape4[2] * shape4[3], shape4[1] * shape4[2] * shape4[3]][::-1]
+    strides = like[lead].stride()
+    order = sorted(range(4), key=lambda d: (-strides[d], d))
+    views = tuple(t[lead].permute(order).numpy() for t in tensors)
+    return (*views, np.array([index[d] for d in order], np.int64))
+
+
 def random_round_f32(
     y: torch.Tensor, out: torch.Tensor, raw: torch.Tensor | None, uniform: torch.Tensor | None
 ) -> None:
     """Round float64 ``y`` into float32 ``out`` (same shape, at most 4-D), like the in-process
     MCA backend's ``rr`` (``raw``: int64 random bytes, 8 bits per element) or ``sr``
     (``uniform``: float32 draws per element) rounding, in one pass."""
-    jit = _compiled()
-    lead = (None,) * (4 - y.dim())
-    _run(jit.random_round_f32, y.detach()[lead].numpy(), out[lead].numpy(),
-         out.view(torch.int32)[lead].numpy(),
-         np.zeros(1, np.int64) if raw is None else raw.numpy(),
-         np.zeros(1, np.float32) if uniform is None else uniform.reshape(-1).numpy(),
-         uniform is not None)
+    *views, index = _elementwise_views(y, y.detach(), out, out.view(torch.int32))
+    _run(_compiled().random_round_f32, *views, *_draws(raw, uniform), index)
+
+
+def prelu_round_f32(
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, raw: torch.Tensor | None,
+    uniform: torch.Tensor | None,
+) -> None:
+    """PReLU of float32 ``x`` (at most 4-D; ``weight`` broadcastable to it) computed exactly
+    and randomly rounded into ``out`` like :func:`random_round_f32`, in one pass."""
+    *views, index = _elementwise_views(x, x.detach(), weight.detach().expand(x.shape), out,
+                                       out.view(torch.int32))
+    _run(_compiled().prelu_round_f32, *views, *_draws(raw, uniform), index)
 
 
 def noisy_max_partial(
