@@ -221,10 +221,15 @@ def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.n
     lead = (None,) * (4 - like.dim())
     shape4 = like[lead].shape
     index = [1, shape4[3], shape4[2] * shape4[3], shape4[1] * shape4[2] * shape4[3]][::-1]
-    strides = like[lead].stride()
-    order = sorted(range(4), key=lambda d: (-strides[d], d))
+    order = _memory_order(like)
     views = tuple(t[lead].permute(order).numpy() for t in tensors)
     return (*views, np.array([index[d] for d in order], np.int64))
+
+
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """The axes of ``t`` made 4-D (leading size-1 axes) from the largest stride down."""
+    strides = t[(None,) * (4 - t.dim())].stride()
+    return sorted(range(4), key=lambda d: (-strides[d], d))
 
 
 def random_round_f32(
@@ -243,9 +248,12 @@ def prelu_round_f32(
 ) -> None:
     """PReLU of float32 ``x`` (at most 4-D; ``weight`` broadcastable to it) computed exactly
     and randomly rounded into ``out`` like :func:`random_round_f32`, in one pass."""
-    *views, index = _elementwise_views(x, x.detach(), weight.detach().expand(x.shape), out,
-                                       out.view(torch.int32))
-    _run(_compiled().prelu_round_f32, *views, *_draws(raw, uniform), index)
+    src, dst, dst_bits, index = _elementwise_views(x, x.detach(), out, out.view(torch.int32))
+    lead = (None,) * (4 - x.dim())
+    w4 = weight.detach().reshape((1,) * (x.dim() - weight.dim()) + tuple(weight.shape))[lead]
+    order = _memory_order(x)
+    w4 = np.ascontiguousarray(w4.permute(order).numpy())
+    _run(_compiled().prelu_round_f32, src, w4, dst, dst_bits, *_draws(raw, uniform), index)
 
 
 def noisy_max_partial(

@@ -447,19 +447,21 @@ def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh
 
 
 @njit(inline="always", error_model="numpy")
-def _random_round(v, idx, raw, uniform, stochastic, cell, cell_bits):
-    """(take, n, other bits) of float64 ``v`` rounded to float32, element ``idx`` of its result.
+def _round_store(v, idx, raw, uniform, stochastic, cell, cell_bits, out, out_bits, i, j, k, m):
+    """Store float64 ``v`` randomly rounded to float32 at out[i, j, k, m]; ``idx``: its draw.
 
     Same arithmetic as ``MCAMode._round_block`` (both give identical bits): n = nearest;
     r = float32(v - n); where r != 0 and n is finite, the other neighbour is n one ulp towards
-    r (an integer step of its bits). ``rr`` (``stochastic`` False): take it when bit
-    (idx mod 8) of ``raw[idx // 8]`` is set; ``sr``: when ``uniform[idx] < r / (other - n)``.
-    ``cell``/``cell_bits``: a one-element float32 array and its int32 view (bit casts).
+    r (an integer step of its bits, written through ``out_bits``, ``out`` seen as int32).
+    ``rr`` (``stochastic`` False): take it when bit (idx mod 8) of ``raw[idx // 8]`` is set;
+    ``sr``: when ``uniform[idx] < r / (other - n)``. ``cell``/``cell_bits``: a one-element
+    float32 array and its int32 view, for bit casts.
     """
     n = np.float32(v)
     r = np.float32(v - np.float64(n))
     if r == 0 or r != r or not np.isfinite(n):  # exact, NaN or overflowed: kept
-        return False, n, np.int32(0)
+        out[i, j, k, m] = n
+        return
     cell[0] = n
     bits = cell_bits[0]
     if n == 0:
@@ -472,16 +474,20 @@ def _random_round(v, idx, raw, uniform, stochastic, cell, cell_bits):
         cell_bits[0] = other
         take = uniform[idx] < r / (cell[0] - n)
     else:
-        take = ((raw[idx >> 3] >> (idx & 7)) & 1) == 1
-    return take, n, other
+        take = (raw[idx >> 3] >> (idx & 7)) & 1
+    if take:
+        out_bits[i, j, k, m] = other
+    else:
+        out[i, j, k, m] = n
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def random_round_f32(y, out, out_bits, raw, uniform, stochastic, index):
-    """Float64 ``y`` randomly rounded into float32 ``out`` (both 4-D, any strides, axes in
-    memory order; ``out_bits`` is ``out`` seen as int32), exact results kept. Element
-    [i, j, k, m] draws with index i*index[0] + j*index[1] + k*index[2] + m*index[3], its
-    row-major index in the original axis order (see ``_random_round``)."""
+    """Float64 ``y`` randomly rounded into float32 ``out``, exact results kept (``_round_store``).
+
+    4-D arrays with axes in memory order; element [i, j, k, m] draws with index i*index[0] +
+    j*index[1] + k*index[2] + m*index[3], its row-major index in the original axis order.
+    """
     a, b, c, w = y.shape
     for q in prange(a * b * c):
         k = q % c
@@ -491,20 +497,20 @@ def random_round_f32(y, out, out_bits, raw, uniform, stochastic, index):
         cell_bits = cell.view(np.int32)
         base = i * index[0] + j * index[1] + k * index[2]
         for m in range(w):
-            take, n, other = _random_round(y[i, j, k, m], base + m * index[3], raw, uniform,
-                                           stochastic, cell, cell_bits)
-            if take:
-                out_bits[i, j, k, m] = other
-            else:
-                out[i, j, k, m] = n
+            _round_store(y[i, j, k, m], base + m * index[3], raw, uniform, stochastic, cell,
+                         cell_bits, out, out_bits, i, j, k, m)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def prelu_round_f32(x, weight, out, out_bits, raw, uniform, stochastic, index):
-    """PReLU of float32 ``x`` with ``weight`` (broadcast to x's 4-D shape), computed exactly in
-    float64 (``x if x > 0 else weight * x``: a product of two float32 numbers is exact) and
-    randomly rounded into ``out`` like ``random_round_f32``."""
+    """PReLU of float32 ``x`` computed exactly in float64 (``x if x > 0 else weight * x``: a
+    product of two float32 numbers is exact) and rounded like ``random_round_f32``.
+
+    ``weight``: 4-D, each axis of x's size or 1 (broadcast), axes in the same order as x's.
+    """
     a, b, c, w = x.shape
+    ba, bb, bc, bw = (weight.shape[0] > 1, weight.shape[1] > 1, weight.shape[2] > 1,
+                      weight.shape[3] > 1)
     for q in prange(a * b * c):
         k = q % c
         j = (q // c) % b
@@ -515,13 +521,9 @@ def prelu_round_f32(x, weight, out, out_bits, raw, uniform, stochastic, index):
         for m in range(w):
             v = np.float64(x[i, j, k, m])
             if not v > 0:
-                v = np.float64(weight[i, j, k, m]) * v
-            take, n, other = _random_round(v, base + m * index[3], raw, uniform, stochastic,
-                                           cell, cell_bits)
-            if take:
-                out_bits[i, j, k, m] = other
-            else:
-                out[i, j, k, m] = n
+                v = np.float64(weight[i * ba, j * bb, k * bc, m * bw]) * v
+            _round_store(v, base + m * index[3], raw, uniform, stochastic, cell, cell_bits,
+                         out, out_bits, i, j, k, m)
 
 
 @njit(parallel=True, cache=True)
