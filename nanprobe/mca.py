@@ -63,11 +63,12 @@ elsewhere). The stream continues across ``with`` blocks of one mode object (each
 gets fresh noise); build a new mode with the same seed to replay.
 
 **Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
-results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`, bit-identical
-to the torch ops used elsewhere), otherwise about ten elementwise passes run block by block in
-cache. On 2 CPU threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256
-slices takes about 7x its plain time in ``"rr"``, more in ``"sr"`` and ``"mca"`` (float random
-numbers); most of it is the float64 recompute (a convolution costs about 9x its float32 one).
+results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`,
+bit-identical to the torch ops used elsewhere; PReLU is even computed in that pass), otherwise
+about ten elementwise passes run block by block in cache. On 2 CPU threads a forward of
+FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes about 7x its plain time
+in ``"rr"``, more in ``"sr"`` and ``"mca"`` (float random numbers); most of it is the float64
+recompute (a convolution costs about 9x its float32 one).
 """
 
 from __future__ import annotations
