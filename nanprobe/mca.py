@@ -526,22 +526,21 @@ class MCAMode(TorchDispatchMode):
             fused = self._fused_prelu(args, kwargs)
             if fused is not None:
                 return fused
-        if (func is _CONVOLUTION and not kwargs
-                and all(t.dtype == dtype for t in args[:3] if isinstance(t, Tensor))):
-            y = _conv64(*args[:6], args[6], args[8])  # casts up itself, in one pass
+        args64 = kwargs64 = None
+        if func is _CONVOLUTION and not kwargs:
+            # operands of the working dtype are cast up inside _conv64, in one pass
+            if all(t.dtype == dtype for t in args[:3] if isinstance(t, Tensor)):
+                conv = args
+            else:
+                args64, kwargs64 = tree_unflatten([up(x) for x in flat], spec)
+                conv = args64
+            y = _conv64(*conv[:6], conv[6], conv[8])
             if y is not None:
-                cl = not args[0].is_contiguous() and args[0].is_contiguous(
-                    memory_format=torch.channels_last)
-                fmt = torch.channels_last if cl else torch.contiguous_format
+                fmt = (torch.channels_last if _kernels.channels_last(args[0])
+                       else torch.contiguous_format)
                 return self._round(y, dtype, fmt)
-        args64, kwargs64 = tree_unflatten([up(x) for x in flat], spec)
-        if func is _CONVOLUTION and not kwargs64:
-            y = _conv64(*args64[:6], args64[6], args64[8])
-            if y is not None:
-                cl = not args[0].is_contiguous() and args[0].is_contiguous(
-                    memory_format=torch.channels_last)
-                fmt = torch.channels_last if cl else torch.contiguous_format
-                return self._round(y, dtype, fmt)
+        if args64 is None:
+            args64, kwargs64 = tree_unflatten([up(x) for x in flat], spec)
         try:
             result = func(*args64, **kwargs64)
         except Exception as exc:  # a user error, or no float64 kernel: told apart below

@@ -215,21 +215,16 @@ def _draws(raw: torch.Tensor | None, uniform: torch.Tensor | None) -> tuple[np.n
 
 
 def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
-    """4-D NumPy views of ``tensors`` (shaped like ``like``, at most 4-D) with their axes in
-    ``like``'s memory order, and the row-major index strides of the original order, permuted
-    the same way: kernels then walk memory in order but number elements logically."""
+    """4-D NumPy views of ``tensors`` (as many axes as ``like``, at most 4, each of ``like``'s
+    size or 1) with their axes in ``like``'s memory order, and the row-major index strides of
+    the original order, permuted the same way: kernels then walk memory in order but number
+    elements logically."""
     lead = (None,) * (4 - like.dim())
-    shape4 = like[lead].shape
+    shape4, strides = like[lead].shape, like[lead].stride()
     index = [1, shape4[3], shape4[2] * shape4[3], shape4[1] * shape4[2] * shape4[3]][::-1]
-    order = _memory_order(like)
+    order = sorted(range(4), key=lambda d: (-strides[d], d))  # largest stride first
     views = tuple(t[lead].permute(order).numpy() for t in tensors)
     return (*views, np.array([index[d] for d in order], np.int64))
-
-
-def _memory_order(t: torch.Tensor) -> list[int]:
-    """The axes of ``t`` made 4-D (leading size-1 axes) from the largest stride down."""
-    strides = t[(None,) * (4 - t.dim())].stride()
-    return sorted(range(4), key=lambda d: (-strides[d], d))
 
 
 def random_round_f32(
@@ -248,12 +243,11 @@ def prelu_round_f32(
 ) -> None:
     """PReLU of float32 ``x`` (at most 4-D; ``weight`` broadcastable to it) computed exactly
     and randomly rounded into ``out`` like :func:`random_round_f32`, in one pass."""
-    src, dst, dst_bits, index = _elementwise_views(x, x.detach(), out, out.view(torch.int32))
-    lead = (None,) * (4 - x.dim())
-    w4 = weight.detach().reshape((1,) * (x.dim() - weight.dim()) + tuple(weight.shape))[lead]
-    order = _memory_order(x)
-    w4 = np.ascontiguousarray(w4.permute(order).numpy())
-    _run(_compiled().prelu_round_f32, src, w4, dst, dst_bits, *_draws(raw, uniform), index)
+    w = weight.detach().reshape((1,) * (x.dim() - weight.dim()) + tuple(weight.shape))
+    src, w4, dst, dst_bits, index = _elementwise_views(x, x.detach(), w, out,
+                                                       out.view(torch.int32))
+    _run(_compiled().prelu_round_f32, src, np.ascontiguousarray(w4), dst, dst_bits,
+         *_draws(raw, uniform), index)
 
 
 def noisy_max_partial(
