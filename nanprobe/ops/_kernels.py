@@ -233,7 +233,7 @@ def random_round_f32(
     """Round float64 ``y`` into float32 ``out`` (same shape, at most 4-D), like the in-process
     MCA backend's ``rr`` (``raw``: int64 random bytes, 8 bits per element) or ``sr``
     (``uniform``: float32 draws per element) rounding, in one pass."""
-    *views, index = _elementwise_views(y, y.detach(), out, out.view(torch.int32))
+    *views, index = _elementwise_views(y, y.detach(), out.view(torch.int32))
     _run(_compiled().random_round_f32, *views, *_draws(raw, uniform), index)
 
 
@@ -244,9 +244,8 @@ def prelu_round_f32(
     """PReLU of float32 ``x`` (at most 4-D; ``weight`` broadcastable to it) computed exactly
     and randomly rounded into ``out`` like :func:`random_round_f32`, in one pass."""
     w = weight.detach().reshape((1,) * (x.dim() - weight.dim()) + tuple(weight.shape))
-    src, w4, dst, dst_bits, index = _elementwise_views(x, x.detach(), w, out,
-                                                       out.view(torch.int32))
-    _run(_compiled().prelu_round_f32, src, np.ascontiguousarray(w4), dst, dst_bits,
+    src, w4, dst_bits, index = _elementwise_views(x, x.detach(), w, out.view(torch.int32))
+    _run(_compiled().prelu_round_f32, src, np.ascontiguousarray(w4), dst_bits,
          *_draws(raw, uniform), index)
 
 

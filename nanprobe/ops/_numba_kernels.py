@@ -447,43 +447,34 @@ def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh
 
 
 @njit(inline="always", error_model="numpy")
-def _round_store(v, idx, raw, uniform, stochastic, cell, cell_bits, out, out_bits, i, j, k, m):
+def _round_store(v, idx, raw, uniform, stochastic, out_bits, i, j, k, m):
     """Store float64 ``v`` randomly rounded to float32 at out[i, j, k, m]; ``idx``: its draw.
 
     Same arithmetic as ``MCAMode._round_block`` (both give identical bits): n = nearest;
     r = float32(v - n); where r != 0 and n is finite, the other neighbour is n one ulp towards
-    r (an integer step of its bits, written through ``out_bits``, ``out`` seen as int32).
-    ``rr`` (``stochastic`` False): take it when bit (idx mod 8) of ``raw[idx // 8]`` is set;
-    ``sr``: when ``uniform[idx] < r / (other - n)``. ``cell``/``cell_bits``: a one-element
-    float32 array and its int32 view, for bit casts.
+    r: its bits one step up when n's sign bit matches r's sign, down otherwise (n = +-0 has
+    r of its own sign). The result's bits go to ``out_bits`` (the float32 output seen as
+    int32). ``rr`` (``stochastic`` False): take the other neighbour when bit (idx mod 8) of
+    ``raw[idx // 8]`` is set; ``sr``: when
+    ``uniform[idx] < r / (other - n)``. Branch-free where the draws decide: random branches
+    mispredict half the time, which cost more than the arithmetic.
     """
     n = np.float32(v)
     r = np.float32(v - np.float64(n))
-    if r == 0 or r != r or not np.isfinite(n):  # exact, NaN or overflowed: kept
-        out[i, j, k, m] = n
-        return
-    cell[0] = n
-    bits = cell_bits[0]
-    if n == 0:
-        other = np.int32(1) if r > 0 else np.int32(-2147483647)  # +-smallest subnormal
-    elif (n > 0) == (r > 0):
-        other = bits + np.int32(1)
-    else:
-        other = bits - np.int32(1)
+    bits = n.view(np.int32)
+    inexact = (r != 0) & (r == r) & (abs(n) < np.inf)  # exact, NaN or overflowed: kept
+    step = np.int32(1) - np.int32(2) * np.int32((bits < 0) != (r < 0))
     if stochastic:
-        cell_bits[0] = other
-        take = uniform[idx] < r / (cell[0] - n)
+        take = uniform[idx] < r / (np.int32(bits + step).view(np.float32) - n)
     else:
-        take = (raw[idx >> 3] >> (idx & 7)) & 1
-    if take:
-        out_bits[i, j, k, m] = other
-    else:
-        out[i, j, k, m] = n
+        take = ((raw[idx >> 3] >> (idx & 7)) & 1) != 0
+    out_bits[i, j, k, m] = bits + step * np.int32(take & inexact)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def random_round_f32(y, out, out_bits, raw, uniform, stochastic, index):
-    """Float64 ``y`` randomly rounded into float32 ``out``, exact results kept (``_round_store``).
+def random_round_f32(y, out_bits, raw, uniform, stochastic, index):
+    """Float64 ``y`` randomly rounded into float32 (``out_bits``: its int32 view), exact results
+    kept (``_round_store``).
 
     4-D arrays with axes in memory order; element [i, j, k, m] draws with index i*index[0] +
     j*index[1] + k*index[2] + m*index[3], its row-major index in the original axis order.
@@ -493,16 +484,14 @@ def random_round_f32(y, out, out_bits, raw, uniform, stochastic, index):
         k = q % c
         j = (q // c) % b
         i = q // (b * c)
-        cell = np.empty(1, np.float32)
-        cell_bits = cell.view(np.int32)
         base = i * index[0] + j * index[1] + k * index[2]
         for m in range(w):
-            _round_store(y[i, j, k, m], base + m * index[3], raw, uniform, stochastic, cell,
-                         cell_bits, out, out_bits, i, j, k, m)
+            _round_store(y[i, j, k, m], base + m * index[3], raw, uniform, stochastic,
+                         out_bits, i, j, k, m)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def prelu_round_f32(x, weight, out, out_bits, raw, uniform, stochastic, index):
+def prelu_round_f32(x, weight, out_bits, raw, uniform, stochastic, index):
     """PReLU of float32 ``x`` computed exactly in float64 (``x if x > 0 else weight * x``: a
     product of two float32 numbers is exact) and rounded like ``random_round_f32``.
 
@@ -515,15 +504,13 @@ def prelu_round_f32(x, weight, out, out_bits, raw, uniform, stochastic, index):
         k = q % c
         j = (q // c) % b
         i = q // (b * c)
-        cell = np.empty(1, np.float32)
-        cell_bits = cell.view(np.int32)
         base = i * index[0] + j * index[1] + k * index[2]
         for m in range(w):
             v = np.float64(x[i, j, k, m])
             if not v > 0:
                 v = np.float64(weight[i * ba, j * bb, k * bc, m * bw]) * v
-            _round_store(v, base + m * index[3], raw, uniform, stochastic, cell, cell_bits,
-                         out, out_bits, i, j, k, m)
+            _round_store(v, base + m * index[3], raw, uniform, stochastic, out_bits,
+                         i, j, k, m)
 
 
 @njit(parallel=True, cache=True)
