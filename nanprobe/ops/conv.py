@@ -19,7 +19,6 @@ convolution over the whole map (the same code with one band).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from . import _kernels
 from ._args import IntPair, check_choice, check_fraction, check_input, check_nonnegative, pair
+from ._scratch import scratch
 
 FILLS = ("mean", "noisy_max")
 IMPLS = ("auto", "reference", "fast")
@@ -41,8 +41,6 @@ AUTO_MAX_BAND_FRACTION = 0.85
 #: its input this many elements (below both, the calls' overhead outweighs what bands save)
 AUTO_MIN_MACS = 2.5e7
 AUTO_MIN_ELEMENTS = 1 << 18
-#: largest temporary convolution input kept in the per-thread scratch buffer
-SCRATCH_MAX_BYTES = 256 << 20
 #: NaN-free CPU convolutions with at least this many MACs run in channels-last layout
 CHANNELS_LAST_MIN_MACS = 1e8
 #: gathered window entries per chunk when recomputing partially-NaN windows
@@ -220,26 +218,11 @@ def _nan_layout(
                       entries=entries)
 
 
-_scratch = threading.local()
-
-
 def _scratch_cl(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised channels-last (N, C, H, W) tensor for a temporary convolution input.
-
-    On CPU it is a view into a per-thread buffer reused across calls (up to
-    :data:`SCRATCH_MAX_BYTES`): fresh multi-MB allocations cost page faults that take as long
-    as the copy itself on small machines. The view is only valid until the next call.
-    """
+    """An uninitialised channels-last (N, C, H, W) tensor for a temporary convolution input, in
+    a per-thread buffer (:func:`~nanprobe.ops._scratch.scratch`) valid until the next call."""
     n, c, h, w = shape
-    count = n * c * h * w
-    nbytes = count * like.element_size()
-    if like.device.type != "cpu" or nbytes > SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=like.dtype, device=like.device,
-                           memory_format=torch.channels_last)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
-    return buf[:nbytes].view(like.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
+    return scratch("conv_input", (n, h, w, c), like.dtype, like.device).permute(0, 3, 1, 2)
 
 
 def _dense(
