@@ -87,6 +87,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .ops import _kernels
+from .ops._scratch import scratch
 
 __all__ = ["MODES", "MCAMode", "mca_mode"]
 
@@ -139,6 +140,7 @@ _LEGACY_BATCH_NORMS = frozenset({"aten::native_batch_norm", "aten::cudnn_batch_n
                                  "aten::miopen_batch_norm"})
 _CONVOLUTION = torch.ops.aten.convolution.default
 _PRELU = torch.ops.aten._prelu_kernel.default
+_BATCH_NORM = torch.ops.aten.native_batch_norm.default
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,8 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
 
     PyTorch's own float64 CPU convolution (im2col) is ~15x slower than its float32 one; this is
     2-3x. Returns None where it does not apply (strided, transposed, grouped, not 2-D, not CPU).
+    The padded copy and the result live in per-thread scratch buffers (no page faults): the
+    result is valid until the next call on this thread.
     """
     if (transposed or groups != 1 or x.dim() != 4 or w.dim() != 4 or x.device.type != "cpu"
             or any(s != 1 for s in stride) or x.numel() == 0):
@@ -271,10 +275,10 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
     ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
     if ho <= 0 or wo <= 0:
         return None
+    xp = scratch("mca_conv_input", (c, n, hp, wp), _F64)
     if _kernels.enabled(x):  # upcast, pad and transpose in one pass
-        xp = _kernels.pad_transpose_f64(x, (ph, pw))
+        _kernels.pad_transpose_f64(x, (ph, pw), xp)
     else:
-        xp = torch.empty((c, n, hp, wp), dtype=_F64)
         if ph or pw:  # zero only the border
             xp[:, :, :ph].zero_()
             xp[:, :, ph + h:].zero_()
@@ -285,7 +289,7 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
     plane = hp * wp
     cols = n * plane - dh * (kh - 1) * wp - dw * (kw - 1)  # positions whose taps are in range
     taps = w.to(_F64).permute(2, 3, 0, 1).contiguous()  # (kh, kw, o, c)
-    out = torch.empty((o, cols), dtype=_F64)
+    out = scratch("mca_conv_output", (o, cols), _F64)
     first = flat[:, :cols]
     if b is None:
         torch.mm(taps[0, 0], first, out=out)
@@ -324,7 +328,6 @@ class MCAMode(TorchDispatchMode):
         self.seed = seed
         self.precision = bits
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._tables: dict[torch.device, Tensor] = {}
 
     def __repr__(self) -> str:
         return f"MCAMode({self.mode!r}, seed={self.seed}, precision={self.precision})"
@@ -336,21 +339,6 @@ class MCAMode(TorchDispatchMode):
             gen = self._generators[device] = torch.Generator(device=device)
             gen.manual_seed(self.seed)
         return gen
-
-    def _raw_bits(self, like: Tensor) -> Tensor:
-        """Random bytes (int64 0..255), 8 fair bits for each element of ``like``."""
-        raw = torch.empty((like.numel() + 7) // 8, dtype=torch.int64, device=like.device)
-        return raw.random_(0, 256, generator=self._gen(like.device))
-
-    def _bits(self, like: Tensor, raw: Tensor) -> Tensor:
-        """0.0 / 1.0 float32 values shaped like ``like``: bit (i mod 8) of ``raw[i // 8]`` for
-        the row-major index i."""
-        device = like.device
-        table = self._tables.get(device)
-        if table is None:  # row b holds the 8 bits of byte b
-            b = torch.arange(256, device=device)[:, None]
-            table = self._tables[device] = ((b >> torch.arange(8, device=device)) & 1).float()
-        return torch.index_select(table, 0, raw).view(-1)[:like.numel()].view(like.shape)
 
     def _uniform(self, like: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.rand(like.shape, dtype=dtype, device=like.device,
@@ -372,11 +360,12 @@ class MCAMode(TorchDispatchMode):
         out = torch.empty_like(y, dtype=dtype, memory_format=memory_format)
         if out.numel() == 0:
             return out
-        raw, uniform = self._draws(out)
+        draws = self._draws(out)
         if dtype == torch.float32 and self.mode != "mca" and y.dim() <= 4 and _kernels.enabled(y):
-            _kernels.random_round_f32(y, out, raw, uniform)  # one fused pass
+            _kernels.random_round_f32(y, out, draws, self.mode == "sr")  # one fused pass
             return out
-        draws = self._bits(out, raw) if raw is not None else uniform
+        if draws is not None:
+            draws = self._expand(out, draws)
         size = min(out.numel(), _BLOCK)
         scratch64 = torch.empty(size, dtype=_F64, device=y.device)
         scratch32 = torch.empty(size, dtype=torch.float32, device=y.device)
@@ -385,12 +374,28 @@ class MCAMode(TorchDispatchMode):
                               scratch64, scratch32)
         return out
 
-    def _draws(self, out: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """One draw per element of ``out``, in row-major order: rr random bytes (8 bits each),
-        sr float32 uniforms (mca draws its noise block by block)."""
-        raw = self._raw_bits(out) if self.mode == "rr" else None
-        uniform = self._uniform(out, torch.float32) if self.mode == "sr" else None
-        return raw, uniform
+    def _draws(self, out: Tensor) -> Tensor | None:
+        """The random bits that round ``out``, drawn for the whole result at once: ``rr`` int64
+        words of 64 bits (of L words, element i takes bit i // L of word i % L, i row-major);
+        ``sr`` one int32 per element (its top 24 bits make the uniform); ``mca`` None (it draws
+        its noise block by block)."""
+        gen, device = self._gen(out.device), out.device
+        if self.mode == "rr":
+            words = torch.empty(-(-out.numel() // 64), dtype=torch.int64, device=device)
+            return words.random_(-(2**63), None, generator=gen)
+        if self.mode == "sr":
+            words = torch.empty(out.numel(), dtype=torch.int32, device=device)
+            return words.random_(-(2**31), None, generator=gen)
+        return None
+
+    def _expand(self, out: Tensor, draws: Tensor) -> Tensor:
+        """Torch path: the draw of each element of ``out``, shaped like it: ``rr`` bits as 0.0 /
+        1.0, ``sr`` 24-bit uniforms in [0, 1)."""
+        if self.mode == "rr":
+            shifts = torch.arange(-(-out.numel() // len(draws)), device=out.device)[:, None]
+            bits = (draws[None, :] >> shifts).bitwise_and_(1)  # (planes, words): row-major i
+            return bits.view(-1)[:out.numel()].to(torch.float32).view(out.shape)
+        return ((draws >> 8) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24).view(out.shape)
 
     def _fused_prelu(self, args: tuple, kwargs: dict) -> Tensor | None:
         """PReLU of a float32 input computed exactly and rounded in one pass (CPU, rr/sr), with
@@ -407,8 +412,42 @@ class MCAMode(TorchDispatchMode):
         except RuntimeError:
             return None  # aten raises its own error
         out = torch.empty_like(x)
-        _kernels.prelu_round_f32(x, w, out, *self._draws(out))
+        _kernels.prelu_round_f32(x, w, out, self._draws(out), self.mode == "sr")
         return out
+
+    def _inference_batch_norm(self, args: tuple, kwargs: dict,
+                              dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Inference-mode ``native_batch_norm`` as ``(x - mean) * scale + bias`` in float64,
+        ``scale = weight / sqrt(var + eps)``, rounded (float32 rr/sr on CPU: one fused pass);
+        None in training mode or with parameters of another dtype (the generic path then).
+
+        This fixes the float64 formula, so that the fused pass and the torch ops give the same
+        bits (ATen's own float64 kernel folds the mean into the shift and may fuse
+        multiply-adds). An element with ``x == mean`` gets ``bias`` exactly.
+        """
+        if kwargs or len(args) != 8:
+            return None
+        x, weight, bias, mean, var, training, _, eps = args
+        if training or not isinstance(mean, Tensor) or not isinstance(var, Tensor) or x.dim() < 2:
+            return None
+        c = x.shape[1]
+        if any(t is not None and (t.dtype != x.dtype or t.shape != (c,) or t.device != x.device)
+               for t in (weight, bias, mean, var)):
+            return None
+        shape = (c,) + (1,) * (x.dim() - 2)
+        root = torch.sqrt(var.to(_F64) + _round_scalar(eps, dtype))
+        scale = (weight.to(_F64) if weight is not None else torch.ones_like(root)) / root
+        shift = bias.to(_F64) if bias is not None else torch.zeros(c, dtype=_F64, device=x.device)
+        mean64, scale, shift = (t.view(shape) for t in (mean.to(_F64), scale, shift))
+        if (dtype == torch.float32 and self.mode != "mca" and x.dim() <= 4
+                and _kernels.enabled(x)):
+            out = torch.empty_like(x)
+            _kernels.batch_norm_round_f32(x, mean64, scale, shift, out, self._draws(out),
+                                          self.mode == "sr")
+        else:
+            out = self._round((x.to(_F64) - mean64) * scale + shift, dtype)
+        empty = x.new_empty(0)  # ATen's saved mean / inverse std, empty in inference
+        return out, empty, empty
 
     def _round_block(self, y: Tensor, n: Tensor, draws: Tensor | None, scratch64: Tensor,
                      scratch32: Tensor) -> None:
@@ -526,6 +565,10 @@ class MCAMode(TorchDispatchMode):
             fused = self._fused_prelu(args, kwargs)
             if fused is not None:
                 return fused
+        if func is _BATCH_NORM:
+            normed = self._inference_batch_norm(args, kwargs, dtype)
+            if normed is not None:
+                return normed
         args64 = kwargs64 = None
         if func is _CONVOLUTION and not kwargs:
             # operands of the working dtype are cast up inside _conv64, in one pass

@@ -86,6 +86,36 @@ def test_fused_prelu_is_bit_identical_to_the_generic_path(mode: str, monkeypatch
             assert not torch.equal(got[0], F.prelu(case, weight)), "nothing was rounded"
 
 
+@pytest.mark.parametrize("mode", ["rr", "sr"])
+def test_fused_batch_norm_is_bit_identical_to_the_torch_formula(mode: str, monkeypatch) -> None:
+    """Inference batch norm: one numba pass and the float64 torch ops give the same bits, close
+    to PyTorch's float32 result; ``x == mean`` gives the bias exactly."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 5, 6, 7, generator=g)
+    for affine in (True, False):
+        bn = torch.nn.BatchNorm2d(5, affine=affine).eval()
+        bn.running_mean.uniform_(-1, 1, generator=g)
+        bn.running_var.uniform_(0.5, 2, generator=g)
+        if affine:
+            bn.weight.data.uniform_(-2, 2, generator=g)
+            bn.bias.data.uniform_(-1, 1, generator=g)
+        case = x.clone()
+        case[:, :, 0, 0] = bn.running_mean  # (x - mean) * scale + bias == bias
+        for layout in (case, case.contiguous(memory_format=torch.channels_last)):
+            got = []
+            for path in ("numba", "torch"):
+                monkeypatch.setenv("NANPROBE_KERNELS", path)
+                with torch.no_grad(), mca_mode(mode, seed=4):
+                    got.append(bn(layout))
+            assert torch.equal(got[0].view(torch.int32), got[1].view(torch.int32))
+            with torch.no_grad():
+                plain = bn(layout)
+            assert not torch.equal(got[0], plain), "nothing was rounded"
+            torch.testing.assert_close(got[0], plain, rtol=3e-7, atol=1e-6)
+            shift = bn.bias if affine else torch.zeros(5)
+            assert torch.equal(got[0][:, :, 0, 0], shift.expand(2, 5))
+
+
 # ------------------------------------------------------------------------------------ arguments
 @pytest.mark.parametrize(
     ("kwargs", "match"),

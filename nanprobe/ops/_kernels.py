@@ -207,13 +207,6 @@ def finish_conv(
          partial.numpy(), mean.numpy(), *k, *s, *p, *d, add_mean)
 
 
-def _draws(raw: torch.Tensor | None, uniform: torch.Tensor | None) -> tuple[np.ndarray, ...]:
-    """The random-rounding kernels' draw arguments: raw bytes, uniforms, whether stochastic."""
-    return (np.zeros(1, np.int64) if raw is None else raw.numpy(),
-            np.zeros(1, np.float32) if uniform is None else uniform.reshape(-1).numpy(),
-            uniform is not None)
-
-
 def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
     """4-D NumPy views of ``tensors`` (as many axes as ``like``, at most 4, each of ``like``'s
     size or 1) with their axes in ``like``'s memory order, and the row-major index strides of
@@ -227,26 +220,41 @@ def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.n
     return (*views, np.array([index[d] for d in order], np.int64))
 
 
-def random_round_f32(
-    y: torch.Tensor, out: torch.Tensor, raw: torch.Tensor | None, uniform: torch.Tensor | None
-) -> None:
-    """Round float64 ``y`` into float32 ``out`` (same shape, at most 4-D), like the in-process
-    MCA backend's ``rr`` (``raw``: int64 random bytes, 8 bits per element) or ``sr``
-    (``uniform``: float32 draws per element) rounding, in one pass."""
-    *views, index = _elementwise_views(y, y.detach(), out.view(torch.int32))
-    _run(_compiled().random_round_f32, *views, *_draws(raw, uniform), index)
+def _random_round(op: int, x: torch.Tensor, params: tuple[torch.Tensor, ...], out: torch.Tensor,
+                  draws: torch.Tensor, stochastic: bool) -> None:
+    jit = _compiled()
+    lead = (1,) * (x.dim() - max((t.dim() for t in params), default=0))
+    params = tuple(t.detach().to(torch.float64).reshape(lead + tuple(t.shape)) for t in params)
+    views = _elementwise_views(x, x.detach(), *params, out.view(torch.int32))
+    src, p4, dst_bits, index = views[0], views[1:-2], views[-2], views[-1]
+    p4 = [np.ascontiguousarray(t) for t in p4]
+    p4 += [np.zeros((1, 1, 1, 1))] * (3 - len(p4))
+    words = out.numel() if stochastic else len(draws)
+    _run(jit.RANDOM_ROUND[op, stochastic], src, *p4, dst_bits, draws.numpy(), words, index)
 
 
-def prelu_round_f32(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, raw: torch.Tensor | None,
-    uniform: torch.Tensor | None,
-) -> None:
+def random_round_f32(y: torch.Tensor, out: torch.Tensor, draws: torch.Tensor,
+                     stochastic: bool) -> None:
+    """Round float64 ``y`` into float32 ``out`` (same shape, at most 4-D) like the in-process
+    MCA backend's ``rr`` (``draws``: int64 words of 64 random bits) or ``sr`` (``stochastic``;
+    ``draws``: int32 random bits per element), in one pass."""
+    _random_round(_compiled().ROUND_COPY, y, (), out, draws, stochastic)
+
+
+def prelu_round_f32(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                    draws: torch.Tensor, stochastic: bool) -> None:
     """PReLU of float32 ``x`` (at most 4-D; ``weight`` broadcastable to it) computed exactly
     and randomly rounded into ``out`` like :func:`random_round_f32`, in one pass."""
-    w = weight.detach().reshape((1,) * (x.dim() - weight.dim()) + tuple(weight.shape))
-    src, w4, dst_bits, index = _elementwise_views(x, x.detach(), w, out.view(torch.int32))
-    _run(_compiled().prelu_round_f32, src, np.ascontiguousarray(w4), dst_bits,
-         *_draws(raw, uniform), index)
+    _random_round(_compiled().ROUND_PRELU, x, (weight,), out, draws, stochastic)
+
+
+def batch_norm_round_f32(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                         shift: torch.Tensor, out: torch.Tensor, draws: torch.Tensor,
+                         stochastic: bool) -> None:
+    """``(x - mean) * scale + shift`` of float32 ``x`` (at most 4-D) computed in float64 from
+    float64 parameters broadcastable to it, randomly rounded into ``out`` like
+    :func:`random_round_f32`, in one pass."""
+    _random_round(_compiled().ROUND_AFFINE, x, (mean, scale, shift), out, draws, stochastic)
 
 
 def noisy_max_partial(
@@ -276,10 +284,7 @@ def noisy_max_partial(
          *d, count_padding)
 
 
-def pad_transpose_f64(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """(C, N, H + 2ph, W + 2pw) float64 copy of (N, C, H, W) ``x``, zero-padded, in one pass."""
-    n, c, h, w = x.shape
-    ph, pw = padding
-    xp = torch.empty((c, n, h + 2 * ph, w + 2 * pw), dtype=torch.float64)
-    _run(_compiled().pad_transpose_f64, x.detach().numpy(), ph, pw, xp.numpy())
-    return xp
+def pad_transpose_f64(x: torch.Tensor, padding: tuple[int, int], out: torch.Tensor) -> None:
+    """``out`` (C, N, H + 2ph, W + 2pw) float64 = (N, C, H, W) ``x``, zero-padded, in one
+    pass."""
+    _run(_compiled().pad_transpose_f64, x.detach().numpy(), *padding, out.numpy())

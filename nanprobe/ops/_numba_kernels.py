@@ -446,71 +446,80 @@ def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh
                 y[n, i, j, co] += m * acc[co]
 
 
-@njit(inline="always", error_model="numpy")
-def _round_store(v, idx, raw, uniform, stochastic, out_bits, i, j, k, m):
-    """Store float64 ``v`` randomly rounded to float32 at out[i, j, k, m]; ``idx``: its draw.
+#: operations of the random-rounding kernels: the float64 value of an element of x
+ROUND_COPY, ROUND_PRELU, ROUND_AFFINE = 0, 1, 2
 
-    Same arithmetic as ``MCAMode._round_block`` (both give identical bits): n = nearest;
-    r = float32(v - n); where r != 0 and n is finite, the other neighbour is n one ulp towards
-    r: its bits one step up when n's sign bit matches r's sign, down otherwise (n = +-0 has
-    r of its own sign). The result's bits go to ``out_bits`` (the float32 output seen as
-    int32). ``rr`` (``stochastic`` False): take the other neighbour when bit (idx mod 8) of
-    ``raw[idx // 8]`` is set; ``sr``: when
-    ``uniform[idx] < r / (other - n)``. Branch-free where the draws decide: random branches
-    mispredict half the time, which cost more than the arithmetic.
+
+def _random_round_kernel(op: int, stochastic: bool):
+    """The random-rounding kernel of one operation and mode (both compile-time constants: a
+    branch on them inside the element loop halves its speed).
+
+    ``kernel(x, p0, p1, p2, out_bits, draws, words, index)`` computes a float64 value per
+    element of ``x`` and rounds it randomly to float32, exact values kept. The value
+    (``op``): ``ROUND_COPY`` x itself (a float64 result); ``ROUND_PRELU``
+    ``x if x > 0 else p0 * x``; ``ROUND_AFFINE`` ``(x - p0) * p1 + p2`` (inference batch
+    norm). A float32 x is widened first, so these are exact or rounded once in float64.
+    p0..p2: float64, 4-D, each axis of x's size or 1 (broadcast).
+
+    Rounding, as ``MCAMode._round_block`` does it (identical bits): n = nearest float32,
+    r = float32(value - n); where r != 0 and n is finite the other neighbour is n one ulp
+    towards r (its bits one step up when n's sign matches r's, down otherwise; n = +-0 has r
+    of its own sign). ``rr`` takes it when bit ``idx // words`` of ``draws[idx % words]`` is
+    set (64-bit words: consecutive elements read consecutive words); ``sr`` (``stochastic``)
+    when the 24-bit uniform ``(draws[idx] >> 8 & 0xFFFFFF) / 2**24`` is below
+    ``r / (other - n)`` (``words`` is then the element count). idx: the element's row-major
+    index, ``i*index[0] + j*index[1] + k*index[2] + m*index[3]``.
+
+    Arrays are 4-D with axes in memory order; ``out_bits`` is the float32 result seen as
+    int32. Branch-free where the data decide: random branches mispredict half the time.
     """
-    n = np.float32(v)
-    r = np.float32(v - np.float64(n))
-    bits = n.view(np.int32)
-    inexact = (r != 0) & (r == r) & (abs(n) < np.inf)  # exact, NaN or overflowed: kept
-    step = np.int32(1) - np.int32(2) * np.int32((bits < 0) != (r < 0))
-    if stochastic:
-        take = uniform[idx] < r / (np.int32(bits + step).view(np.float32) - n)
-    else:
-        take = ((raw[idx >> 3] >> (idx & 7)) & 1) != 0
-    out_bits[i, j, k, m] = bits + step * np.int32(take & inexact)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def kernel(x, p0, p1, p2, out_bits, draws, words, index):
+        a, b, c, w = x.shape
+        ba, bb, bc, bw = p0.shape[0] > 1, p0.shape[1] > 1, p0.shape[2] > 1, p0.shape[3] > 1
+        s = index[3]
+        exponent, magnitude = np.int32(0x7F800000), np.int32(0x7FFFFFFF)
+        for q in prange(a * b * c):
+            k = q % c
+            j = (q // c) % b
+            i = q // (b * c)
+            base = i * index[0] + j * index[1] + k * index[2]
+            m0 = 0
+            while m0 < w:  # runs of elements whose draws lie in one bit plane
+                idx = base + m0 * s
+                plane = idx // words
+                word = idx - plane * words
+                m1 = min(w, m0 + (words - word + s - 1) // s)
+                for m in range(m0, m1):
+                    v = np.float64(x[i, j, k, m])
+                    if op == ROUND_PRELU:
+                        scaled = p0[i * ba, j * bb, k * bc, m * bw] * v
+                        v = v if v > 0 else scaled
+                    elif op == ROUND_AFFINE:
+                        at = (i * ba, j * bb, k * bc, m * bw)
+                        v = (v - p0[at]) * p1[at] + p2[at]
+                    n = np.float32(v)
+                    r = np.float32(v - np.float64(n))
+                    bits = n.view(np.int32)
+                    rbits = r.view(np.int32)
+                    inexact = ((rbits & magnitude) != 0) & ((bits & exponent) != exponent)
+                    step = np.int32(1) | ((bits ^ rbits) >> np.int32(31))  # +1 or -1
+                    draw = draws[word + (m - m0) * s]
+                    if stochastic:
+                        u = np.float32((draw >> 8) & 0xFFFFFF) * np.float32(2.0**-24)
+                        take = u < r / (np.int32(bits + step).view(np.float32) - n)
+                    else:
+                        take = ((draw >> plane) & 1) != 0
+                    out_bits[i, j, k, m] = bits + (step & -np.int32(take & inexact))
+                m0 = m1
+
+    return kernel
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def random_round_f32(y, out_bits, raw, uniform, stochastic, index):
-    """Float64 ``y`` randomly rounded into float32 (``out_bits``: its int32 view), exact results
-    kept (``_round_store``).
-
-    4-D arrays with axes in memory order; element [i, j, k, m] draws with index i*index[0] +
-    j*index[1] + k*index[2] + m*index[3], its row-major index in the original axis order.
-    """
-    a, b, c, w = y.shape
-    for q in prange(a * b * c):
-        k = q % c
-        j = (q // c) % b
-        i = q // (b * c)
-        base = i * index[0] + j * index[1] + k * index[2]
-        for m in range(w):
-            _round_store(y[i, j, k, m], base + m * index[3], raw, uniform, stochastic,
-                         out_bits, i, j, k, m)
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def prelu_round_f32(x, weight, out_bits, raw, uniform, stochastic, index):
-    """PReLU of float32 ``x`` computed exactly in float64 (``x if x > 0 else weight * x``: a
-    product of two float32 numbers is exact) and rounded like ``random_round_f32``.
-
-    ``weight``: 4-D, each axis of x's size or 1 (broadcast), axes in the same order as x's.
-    """
-    a, b, c, w = x.shape
-    ba, bb, bc, bw = (weight.shape[0] > 1, weight.shape[1] > 1, weight.shape[2] > 1,
-                      weight.shape[3] > 1)
-    for q in prange(a * b * c):
-        k = q % c
-        j = (q // c) % b
-        i = q // (b * c)
-        base = i * index[0] + j * index[1] + k * index[2]
-        for m in range(w):
-            v = np.float64(x[i, j, k, m])
-            if not v > 0:
-                v = np.float64(weight[i * ba, j * bb, k * bc, m * bw]) * v
-            _round_store(v, base + m * index[3], raw, uniform, stochastic, out_bits,
-                         i, j, k, m)
+#: the random-rounding kernels by (operation, stochastic)
+RANDOM_ROUND = {(op, stochastic): _random_round_kernel(op, stochastic)
+                for op in (ROUND_COPY, ROUND_PRELU, ROUND_AFFINE) for stochastic in (False, True)}
 
 
 @njit(parallel=True, cache=True)
