@@ -11,7 +11,7 @@ How one op is perturbed (float32, float16 and bfloat16 results):
    higher-precision inputs are first rounded to the working dtype, as the op itself sees them).
    The working-precision result is not computed at all. 2-D stride-1 convolutions on CPU use a
    GEMM-per-kernel-tap float64 convolution (PyTorch's own float64 CPU one is ~15x slower than
-   float32).
+   float32). Inference batch norm is ``(x - mean) * (weight / sqrt(var + eps)) + bias``.
 2. Per element, the float64 result ``y`` is **exact** when it is representable in the working
    dtype, and is then returned as it is. Verrou never rounds an exact operation either, and that
    decides where pooling ties survive: a convolution of an exactly-zero background plus bias is
@@ -57,18 +57,22 @@ one ulp down or up with probability 1/4 each, ``"sr"`` 1/8 each (their rates und
 ``"mca"`` adds the noise above.
 
 **Reproducibility.** Random draws come from the mode's own ``torch.Generator`` (one per device,
-seeded with ``seed``), never the global RNG, in op order: a given model, input and seed give a
-bit-identical sample (on one machine and thread count: float64 GEMMs may sum in another order
-elsewhere). The stream continues across ``with`` blocks of one mode object (each forward
-gets fresh noise); build a new mode with the same seed to replay.
+seeded with ``seed``), never the global RNG, in op order: each rounded result draws its random
+bits at once, as 64-bit words (``rr``: one bit per element, ``sr``: 32, of which the top 24 make
+its uniform). A given model, input and seed give a bit-identical sample (on one machine and
+thread count: float64 GEMMs may sum in another order elsewhere). The stream continues across
+``with`` blocks of one mode object (each forward gets fresh noise); build a new mode with the
+same seed to replay. Version 0.3.0 draws differently from earlier versions: the same seed gives
+other, equally valid samples.
 
 **Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
 results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`,
-bit-identical to the torch ops used elsewhere; PReLU is even computed in that pass), otherwise
-about ten elementwise passes run block by block in cache. On 2 CPU threads a forward of
-FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes about 7x its plain time
-in ``"rr"``, more in ``"sr"`` and ``"mca"`` (float random numbers); most of it is the float64
-recompute (a convolution costs about 9x its float32 one).
+bit-identical to the torch ops used elsewhere; PReLU and inference batch norm are even computed
+in that pass), otherwise about ten elementwise passes run block by block in cache. On 2 CPU
+threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes
+about 3x its plain time in ``"rr"`` (2.9-3.7x, depending on how much of the plain forward is
+page faults on fresh outputs), about 5x in ``"sr"`` and 12x in ``"mca"`` (float64 noise); most
+of it is the float64 convolution (about 4x a float32 one).
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # 2**(53 - significand bits + 1): a float64 residual is at least 2**-(53 - p) ulp of the p-bit
 # neighbour, so n + STEP * d lands at least two ulps away, on the residual's side.
 _STEP = {torch.float32: 2.0**30, torch.float16: 2.0**43, torch.bfloat16: 2.0**46}
+_PLANES = {"rr": 64, "sr": 2}  # draws per random int64 word: bits (rr), 32-bit halves (sr)
 _BLOCK = 1 << 17  # elements rounded at a time: its ~10 passes then run in cache (2x faster)
 
 # Ops whose floating-point results are selections / copies / exact transformations of their
@@ -375,27 +380,26 @@ class MCAMode(TorchDispatchMode):
         return out
 
     def _draws(self, out: Tensor) -> Tensor | None:
-        """The random bits that round ``out``, drawn for the whole result at once: ``rr`` int64
-        words of 64 bits (of L words, element i takes bit i // L of word i % L, i row-major);
-        ``sr`` one int32 per element (its top 24 bits make the uniform); ``mca`` None (it draws
-        its noise block by block)."""
-        gen, device = self._gen(out.device), out.device
-        if self.mode == "rr":
-            words = torch.empty(-(-out.numel() // 64), dtype=torch.int64, device=device)
-            return words.random_(-(2**63), None, generator=gen)
-        if self.mode == "sr":
-            words = torch.empty(out.numel(), dtype=torch.int32, device=device)
-            return words.random_(-(2**31), None, generator=gen)
-        return None
+        """The random bits that round ``out``, drawn for the whole result at once: L int64
+        words, element i (row-major) taking plane i // L of word i % L; ``rr``: 64 planes of
+        one bit, ``sr``: 2 planes of 32 bits, whose top 24 make its uniform. ``mca``: None (it
+        draws its noise block by block)."""
+        if self.mode == "mca":
+            return None
+        words = torch.empty(-(-out.numel() // _PLANES[self.mode]), dtype=torch.int64,
+                            device=out.device)
+        return words.random_(-(2**63), None, generator=self._gen(out.device))
 
     def _expand(self, out: Tensor, draws: Tensor) -> Tensor:
         """Torch path: the draw of each element of ``out``, shaped like it: ``rr`` bits as 0.0 /
         1.0, ``sr`` 24-bit uniforms in [0, 1)."""
+        planes = torch.arange(-(-out.numel() // len(draws)), device=out.device)[:, None]
         if self.mode == "rr":
-            shifts = torch.arange(-(-out.numel() // len(draws)), device=out.device)[:, None]
-            bits = (draws[None, :] >> shifts).bitwise_and_(1)  # (planes, words): row-major i
-            return bits.view(-1)[:out.numel()].to(torch.float32).view(out.shape)
-        return ((draws >> 8) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24).view(out.shape)
+            values = (draws[None, :] >> planes).bitwise_and_(1)  # (planes, words): row-major i
+        else:
+            values = (draws[None, :] >> (32 * planes + 8)).bitwise_and_(0xFFFFFF)
+        values = values.view(-1)[:out.numel()].to(torch.float32).view(out.shape)
+        return values if self.mode == "rr" else values.mul_(2.0**-24)
 
     def _fused_prelu(self, args: tuple, kwargs: dict) -> Tensor | None:
         """PReLU of a float32 input computed exactly and rounded in one pass (CPU, rr/sr), with

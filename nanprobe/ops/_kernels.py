@@ -229,15 +229,14 @@ def _random_round(op: int, x: torch.Tensor, params: tuple[torch.Tensor, ...], ou
     src, p4, dst_bits, index = views[0], views[1:-2], views[-2], views[-1]
     p4 = [np.ascontiguousarray(t) for t in p4]
     p4 += [np.zeros((1, 1, 1, 1))] * (3 - len(p4))
-    words = out.numel() if stochastic else len(draws)
-    _run(jit.RANDOM_ROUND[op, stochastic], src, *p4, dst_bits, draws.numpy(), words, index)
+    _run(jit.RANDOM_ROUND[op, stochastic], src, *p4, dst_bits, draws.numpy(), len(draws), index)
 
 
 def random_round_f32(y: torch.Tensor, out: torch.Tensor, draws: torch.Tensor,
                      stochastic: bool) -> None:
     """Round float64 ``y`` into float32 ``out`` (same shape, at most 4-D) like the in-process
-    MCA backend's ``rr`` (``draws``: int64 words of 64 random bits) or ``sr`` (``stochastic``;
-    ``draws``: int32 random bits per element), in one pass."""
+    MCA backend's ``rr`` or ``sr`` (``stochastic``) rounding, in one pass. ``draws``: int64
+    words of random bits, 64 (rr) or 2 (sr) draws each (``MCAMode._draws``)."""
     _random_round(_compiled().ROUND_COPY, y, (), out, draws, stochastic)
 
 

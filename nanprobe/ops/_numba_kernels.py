@@ -464,11 +464,12 @@ def _random_round_kernel(op: int, stochastic: bool):
     Rounding, as ``MCAMode._round_block`` does it (identical bits): n = nearest float32,
     r = float32(value - n); where r != 0 and n is finite the other neighbour is n one ulp
     towards r (its bits one step up when n's sign matches r's, down otherwise; n = +-0 has r
-    of its own sign). ``rr`` takes it when bit ``idx // words`` of ``draws[idx % words]`` is
-    set (64-bit words: consecutive elements read consecutive words); ``sr`` (``stochastic``)
-    when the 24-bit uniform ``(draws[idx] >> 8 & 0xFFFFFF) / 2**24`` is below
-    ``r / (other - n)`` (``words`` is then the element count). idx: the element's row-major
-    index, ``i*index[0] + j*index[1] + k*index[2] + m*index[3]``.
+    of its own sign). The element's draw is plane ``idx // words`` of the 64-bit word
+    ``draws[idx % words]`` (consecutive elements read consecutive words). ``rr`` takes the
+    other neighbour when bit ``plane`` of it is set (64 planes); ``sr`` (``stochastic``) when
+    the 24-bit uniform ``(word >> (32 * plane + 8) & 0xFFFFFF) / 2**24`` is below
+    ``r / (other - n)`` (2 planes). idx: the element's row-major index,
+    ``i*index[0] + j*index[1] + k*index[2] + m*index[3]``.
 
     Arrays are 4-D with axes in memory order; ``out_bits`` is the float32 result seen as
     int32. Branch-free where the data decide: random branches mispredict half the time.
@@ -507,7 +508,7 @@ def _random_round_kernel(op: int, stochastic: bool):
                     step = np.int32(1) | ((bits ^ rbits) >> np.int32(31))  # +1 or -1
                     draw = draws[word + (m - m0) * s]
                     if stochastic:
-                        u = np.float32((draw >> 8) & 0xFFFFFF) * np.float32(2.0**-24)
+                        u = np.float32((draw >> (32 * plane + 8)) & 0xFFFFFF) * np.float32(2.0**-24)
                         take = u < r / (np.int32(bits + step).view(np.float32) - n)
                     else:
                         take = ((draw >> plane) & 1) != 0
