@@ -24,10 +24,12 @@ import torch
 
 from nanprobe.calibrate import THRESHOLDS_FILE, calibrate
 from nanprobe.evaluate import (
+    allocator_note,
     dice_per_class,
     interleaved_times,
     labels_from_logits,
     mean_foreground_dice,
+    rerun_retaining_freed_memory,
     skip_table,
 )
 from nanprobe.inputs import prepare_input
@@ -53,7 +55,11 @@ def main() -> None:
                         help="coronal slices (default: every 8th through the whole volume)")
     parser.add_argument("--batch", type=int, default=8, help="slices per forward pass")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="rerun with glibc keeping freed memory (timings without page faults)")
     args = parser.parse_args()
+    if args.retain_freed_memory:
+        rerun_retaining_freed_memory()
 
     config = recommended_thresholds(args.thresholds)
     loaded = load("default")
@@ -82,7 +88,8 @@ def main() -> None:
     dice = mean_foreground_dice(dice_per_class(got, ref, loaded.num_classes))
     speedup = t_plain / t_nan
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, default U-Net, "
-          f"{len(x)} coronal slices ({args.slices}), batch {args.batch}, {args.reps} reps")
+          f"{len(x)} coronal slices ({args.slices}), batch {args.batch}, {args.reps} reps; "
+          f"{allocator_note()}")
     print(f"# thresholds: {json.dumps(config['defaults'], sort_keys=True)}")
     print("| model | t per slice ms | t(plain) / t | skipped positions | skipped MACs | "
           "identical labels | mean Dice vs plain |")

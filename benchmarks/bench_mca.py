@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from nanprobe.evaluate import interleaved_times
+from nanprobe.evaluate import allocator_note, interleaved_times, rerun_retaining_freed_memory
 from nanprobe.inputs import prepare_input
 from nanprobe.mca import mca_mode
 from nanprobe.models.registry import load
@@ -27,13 +27,17 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=4, help="coronal slices per forward")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--valgrind", default=None, help="Verrou-enabled valgrind")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="rerun with glibc keeping freed memory (timings without page faults)")
     args = parser.parse_args()
+    if args.retain_freed_memory:
+        rerun_retaining_freed_memory()
     loaded = load("default")
     start = 128 - args.slices // 2
     x = prepare_input("default", loaded, slices=f"{start}:{start + args.slices}").tensor
     model = loaded.model
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, default U-Net, "
-          f"input {tuple(x.shape)}")
+          f"input {tuple(x.shape)}; {allocator_note()}")
 
     def plain():
         with torch.no_grad():

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from nanprobe.evaluate import interleaved_times
+from nanprobe.evaluate import allocator_note, interleaved_times, rerun_retaining_freed_memory
 from nanprobe.ops import nan_conv2d, nan_max_pool2d
 
 
@@ -56,10 +56,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows")
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per row")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="rerun with glibc keeping freed memory (timings without page faults)")
     args = parser.parse_args()
+    if args.retain_freed_memory:
+        rerun_retaining_freed_memory()
     torch.manual_seed(0)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+          f"{platform.processor() or platform.machine()}; {allocator_note()}")
     print("| N | C→C | k | H=W | skip (measured) | t conv2d ms | t nan_conv2d ms | ratio |")
     print("|---|-----|---|-----|-----------------|-------------|-----------------|-------|")
     for n, c, k, size, skip in conv_rows(args.quick):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,12 @@ from nanprobe.calibrate import (
     load_pooling,
     recommend,
 )
-from nanprobe.evaluate import classification_scores, labels_from_logits, mean_foreground_dice
+from nanprobe.evaluate import (
+    RETAIN_FREED_MEMORY_ENV,
+    classification_scores,
+    labels_from_logits,
+    mean_foreground_dice,
+)
 from nanprobe.evaluate import dice_per_class as dice
 from nanprobe.inputs import PreparedInput
 from nanprobe.models.registry import LoadedModel
@@ -202,3 +210,41 @@ def test_load_pooling_sources(tmp_path):
     audit.write_text(json.dumps({"layers": {}}))
     with pytest.raises(ValueError, match="no calibrated pooling"):
         load_pooling(audit)
+
+
+_FAULTS_SCRIPT = """
+import os, resource, sys
+import torch
+from nanprobe.evaluate import allocator_note, rerun_retaining_freed_memory
+if sys.argv[1] == "retain":
+    rerun_retaining_freed_memory()
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        torch.ones(1 << 24)  # 64 MB, freed at once (NumPy would ask for huge pages)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+for _ in range(4):  # warm-up: the heap grows to its peak (glibc takes a few rounds)
+    faults()
+print(faults(), sys.argv[1:], allocator_note())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+def test_rerun_retaining_freed_memory_removes_page_faults(tmp_path):
+    """The benchmarks' --retain-freed-memory re-executes the program (same arguments) with glibc
+    keeping freed memory: reused 64 MB blocks then fault (almost) no pages, where by default
+    each of them faults in all of its 16,384 pages."""
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in RETAIN_FREED_MEMORY_ENV}
+    runs = {}
+    for how in ("default", "retain"):
+        out = subprocess.run([sys.executable, str(script), how], env=env, check=True,
+                             capture_output=True, text=True).stdout.split(maxsplit=1)
+        runs[how] = int(out[0]), out[1]
+    assert runs["default"][0] > 3 * 16_000
+    assert runs["retain"][0] < 1_000
+    assert "['retain'] allocator: glibc keeps freed memory" in runs["retain"][1]
+    assert "allocator: default" in runs["default"][1]
