@@ -66,6 +66,17 @@ def test_fused_rounding_is_bit_identical_to_the_torch_path(mode: str, monkeypatc
         assert torch.signbit(MCAMode(mode, seed=0)._round(zeros, torch.float32)).all()
 
 
+def both_kernel_paths(module: torch.nn.Module, x: Tensor, mode: str, monkeypatch) -> Tensor:
+    """``module(x)`` under MCA with the numba kernels, checked bit-identical to the torch path."""
+    got = []
+    for path in ("numba", "torch"):
+        monkeypatch.setenv("NANPROBE_KERNELS", path)
+        with torch.no_grad(), mca_mode(mode, seed=4):
+            got.append(module(x))
+    assert torch.equal(got[0].view(torch.int32), got[1].view(torch.int32))
+    return got[0]
+
+
 @pytest.mark.parametrize("mode", ["rr", "sr"])
 def test_fused_prelu_is_bit_identical_to_the_generic_path(mode: str, monkeypatch) -> None:
     g = torch.Generator().manual_seed(6)
@@ -77,13 +88,8 @@ def test_fused_prelu_is_bit_identical_to_the_generic_path(mode: str, monkeypatch
         for case in (x, x.contiguous(memory_format=torch.channels_last), x[0, 1]):
             if case.dim() < 4 and len(weight) > 1:
                 continue
-            got = []
-            for path in ("numba", "torch"):
-                monkeypatch.setenv("NANPROBE_KERNELS", path)
-                with torch.no_grad(), mca_mode(mode, seed=4):
-                    got.append(module(case))
-            assert torch.equal(got[0].view(torch.int32), got[1].view(torch.int32))
-            assert not torch.equal(got[0], F.prelu(case, weight)), "nothing was rounded"
+            got = both_kernel_paths(module, case, mode, monkeypatch)
+            assert not torch.equal(got, F.prelu(case, weight)), "nothing was rounded"
 
 
 @pytest.mark.parametrize("mode", ["rr", "sr"])
@@ -102,18 +108,13 @@ def test_fused_batch_norm_is_bit_identical_to_the_torch_formula(mode: str, monke
         case = x.clone()
         case[:, :, 0, 0] = bn.running_mean  # (x - mean) * scale + bias == bias
         for layout in (case, case.contiguous(memory_format=torch.channels_last)):
-            got = []
-            for path in ("numba", "torch"):
-                monkeypatch.setenv("NANPROBE_KERNELS", path)
-                with torch.no_grad(), mca_mode(mode, seed=4):
-                    got.append(bn(layout))
-            assert torch.equal(got[0].view(torch.int32), got[1].view(torch.int32))
+            got = both_kernel_paths(bn, layout, mode, monkeypatch)
             with torch.no_grad():
                 plain = bn(layout)
-            assert not torch.equal(got[0], plain), "nothing was rounded"
-            torch.testing.assert_close(got[0], plain, rtol=3e-7, atol=1e-6)
+            assert not torch.equal(got, plain), "nothing was rounded"
+            torch.testing.assert_close(got, plain, rtol=3e-7, atol=1e-6)
             shift = bn.bias if affine else torch.zeros(5)
-            assert torch.equal(got[0][:, :, 0, 0], shift.expand(2, 5))
+            assert torch.equal(got[:, :, 0, 0], shift.expand(2, 5))
 
 
 # ------------------------------------------------------------------------------------ arguments
