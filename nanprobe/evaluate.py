@@ -84,6 +84,10 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
 RETAIN_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
+def _retaining_freed_memory() -> bool:
+    return all(os.environ.get(k) == v for k, v in RETAIN_FREED_MEMORY_ENV.items())
+
+
 def rerun_retaining_freed_memory() -> None:
     """Re-execute this Python program with glibc keeping freed memory for reuse; no-op when
     that is already set.
@@ -94,7 +98,7 @@ def rerun_retaining_freed_memory() -> None:
     peak memory, and timings show the computation without the faults. Meant for benchmarks
     (other C libraries ignore the variables).
     """
-    if all(os.environ.get(k) == v for k, v in RETAIN_FREED_MEMORY_ENV.items()):
+    if _retaining_freed_memory():
         return
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
@@ -103,7 +107,7 @@ def rerun_retaining_freed_memory() -> None:
 
 def allocator_note() -> str:
     """One line saying whether this process keeps freed memory (for benchmark headers)."""
-    if all(os.environ.get(k) == v for k, v in RETAIN_FREED_MEMORY_ENV.items()):
+    if _retaining_freed_memory():
         return "allocator: glibc keeps freed memory (no page faults on reused outputs)"
     return "allocator: default (fresh pages, and their faults, for every multi-MB output)"
 

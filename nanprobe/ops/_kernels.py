@@ -222,6 +222,8 @@ def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.n
 
 def _random_round(op: int, x: torch.Tensor, params: tuple[torch.Tensor, ...], out: torch.Tensor,
                   draws: torch.Tensor, stochastic: bool) -> None:
+    """Run the random-rounding kernel of ``op`` on ``x`` (parameters cast to float64 and
+    broadcast to x's dimensions) into float32 ``out``."""
     jit = _compiled()
     lead = (1,) * (x.dim() - max((t.dim() for t in params), default=0))
     params = tuple(t.detach().to(torch.float64).reshape(lead + tuple(t.shape)) for t in params)
