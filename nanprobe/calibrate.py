@@ -33,6 +33,7 @@ from torch import nn
 
 from . import __version__
 from .evaluate import (
+    allocator_note,
     classification_scores,
     dice_per_class,
     interleaved_times,
@@ -348,6 +349,7 @@ def calibrate(
         "model": loaded.spec, "weights_sha256": loaded.weights_sha256,
         "input": prepared.provenance(), "nanprobe_version": __version__,
         "torch_version": str(torch.__version__), "threads": torch.get_num_threads(),
+        "allocator": allocator_note(),
         "created": datetime.now(timezone.utc).isoformat(), "pooling_source": pool_source,
         "seed": seed, "sigma": sigma, "repeats": repeats, "batch_size": batch_size,
         **(provenance_extra or {}),
@@ -392,6 +394,7 @@ def thresholds_config(calibration: Mapping[str, Any]) -> dict[str, Any]:
                        "tolerance": calibration["tolerance"], "skip": s["skip"],
                        "speedup": s["speedup"],
                        "speedup_channels_last": s.get("speedup_channels_last"),
+                       "allocator": prov.get("allocator"),
                        "nanprobe_version": prov["nanprobe_version"],
                        "torch_version": prov["torch_version"], "created": prov["created"]},
     }

@@ -218,6 +218,7 @@ def _calibration_sections(cal: Mapping[str, Any] | None) -> dict[str, Any]:
     speed = {"plain_seconds": cal["plain"]["seconds"],
              "plain_seconds_channels_last": cal["plain"].get("seconds_channels_last"),
              "threads": cal.get("provenance", {}).get("threads"),
+             "allocator": cal.get("provenance", {}).get("allocator"),
              "settings": [{**{k: s[k] for k in ("nan_threshold", "fill", "seconds", "speedup")},
                            "speedup_channels_last": s.get("speedup_channels_last")}
                           for s in settings]}
@@ -706,6 +707,8 @@ def _speed_html(report: Mapping[str, Any], run_dir: Path) -> str:
              ratio(s.get("speedup_channels_last"))]
             for i, s in enumerate(sp["settings"])]
     threads = f" with {sp['threads']} threads" if sp["threads"] else ""
+    if sp.get("allocator"):
+        threads += f" ({sp['allocator']})"
     plain_cl = ("" if cl is None else
                 _cat(" The plain model converted to channels-last layout (the layout the NaN "
                      "convolutions compute in) took ", _ms(cl), "; the last column compares "

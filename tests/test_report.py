@@ -12,6 +12,7 @@ import pytest
 
 from nanprobe.audit import audit_run
 from nanprobe.calibrate import CALIBRATION_FORMAT, calibrate, recommend
+from nanprobe.evaluate import allocator_note
 from nanprobe.jsonio import write_json
 from nanprobe.plots import plot_sigdigits
 from nanprobe.report import SECTIONS, write_report
@@ -123,6 +124,9 @@ def test_real_calibration_report(run_copy):
     assert [s["speedup_channels_last"] for s in report["speed"]["settings"]] == [
         pytest.approx(plain_cl / s["seconds"]) for s in written["settings"]]
     assert "vs plain channels-last" in text
+    # the speed figures say which allocator mode they were measured in (page faults weigh)
+    assert written["provenance"]["allocator"] == report["speed"]["allocator"] == allocator_note()
+    assert allocator_note() in text
     focus = report["layers"]["setting"]
     assert report["layers"]["rows"] == written["settings"][focus]["layers"]
     assert report["slices"]["rows"] == written["settings"][focus]["per_item"]
