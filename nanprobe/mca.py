@@ -103,7 +103,8 @@ _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # 2**(53 - significand bits + 1): a float64 residual is at least 2**-(53 - p) ulp of the p-bit
 # neighbour, so n + STEP * d lands at least two ulps away, on the residual's side.
 _STEP = {torch.float32: 2.0**30, torch.float16: 2.0**43, torch.bfloat16: 2.0**46}
-_PLANES = {"rr": 64, "sr": 2}  # draws per random int64 word: bits (rr), 32-bit halves (sr)
+# draws per random int64 word: bits (rr), 32-bit halves (sr), the word (mca)
+_PLANES = {"rr": 64, "sr": 2, "mca": 1}
 _BLOCK = 1 << 17  # elements rounded at a time: its ~10 passes then run in cache (2x faster)
 
 # Ops whose floating-point results are selections / copies / exact transformations of their
@@ -345,16 +346,11 @@ class MCAMode(TorchDispatchMode):
             gen.manual_seed(self.seed)
         return gen
 
-    def _uniform(self, like: Tensor, dtype: torch.dtype) -> Tensor:
-        return torch.rand(like.shape, dtype=dtype, device=like.device,
-                          generator=self._gen(like.device))
-
-    # ---------------------------------------------------------------- rounding
-    def _mca_noise(self, y: Tensor) -> Tensor:
-        """Verificarlo's noise ``2**(floor(log2|y|) + 1 - t) * xi``, ``xi ~ U(-1/2, 1/2)``."""
+    def _mca_noise(self, y: Tensor, u: Tensor) -> Tensor:
+        """Verificarlo's noise ``2**(floor(log2|y|) + 1 - t) * (u - 1/2)``, ``u`` uniform."""
         exponent = torch.frexp(y).exponent  # y = m * 2**e, 1/2 <= |m| < 1: floor(log2|y|) = e - 1
         scale = exponent.to(_F64).sub_(self.precision).exp2_()
-        return self._uniform(y, _F64).sub_(0.5).mul_(scale)
+        return (u - 0.5).mul_(scale)
 
     def _round(self, y: Tensor, dtype: torch.dtype,
                memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
@@ -366,11 +362,10 @@ class MCAMode(TorchDispatchMode):
         if out.numel() == 0:
             return out
         draws = self._draws(out)
-        if dtype == torch.float32 and self.mode != "mca" and y.dim() <= 4 and _kernels.enabled(y):
-            _kernels.random_round_f32(y, out, draws, self.mode == "sr")  # one fused pass
+        if dtype == torch.float32 and y.dim() <= 4 and _kernels.enabled(y):  # one fused pass
+            _kernels.random_round_f32(y, out, draws, self.mode, self.precision)
             return out
-        if draws is not None:
-            draws = self._expand(out, draws)
+        draws = self._expand(out, draws)
         size = min(out.numel(), _BLOCK)
         scratch64 = torch.empty(size, dtype=_F64, device=y.device)
         scratch32 = torch.empty(size, dtype=torch.float32, device=y.device)
@@ -379,20 +374,21 @@ class MCAMode(TorchDispatchMode):
                               scratch64, scratch32)
         return out
 
-    def _draws(self, out: Tensor) -> Tensor | None:
+    def _draws(self, out: Tensor) -> Tensor:
         """The random bits that round ``out``, drawn for the whole result at once: L int64
         words, element i (row-major) taking plane i // L of word i % L; ``rr``: 64 planes of
-        one bit, ``sr``: 2 planes of 32 bits, whose top 24 make its uniform. ``mca``: None (it
-        draws its noise block by block)."""
-        if self.mode == "mca":
-            return None
+        one bit, ``sr``: 2 planes of 32 bits, whose top 24 make its uniform, ``mca``: the word,
+        whose top 53 bits make its uniform."""
         words = torch.empty(-(-out.numel() // _PLANES[self.mode]), dtype=torch.int64,
                             device=out.device)
         return words.random_(-(2**63), None, generator=self._gen(out.device))
 
     def _expand(self, out: Tensor, draws: Tensor) -> Tensor:
         """Torch path: the draw of each element of ``out``, shaped like it: ``rr`` bits as 0.0 /
-        1.0, ``sr`` 24-bit uniforms in [0, 1)."""
+        1.0, ``sr`` 24-bit uniforms in [0, 1) (float32), ``mca`` 53-bit ones (float64)."""
+        if self.mode == "mca":
+            u = (draws >> 11).bitwise_and_(2**53 - 1).to(_F64).mul_(2.0**-53)
+            return u.view(out.shape)
         planes = torch.arange(-(-out.numel() // len(draws)), device=out.device)[:, None]
         if self.mode == "rr":
             values = (draws[None, :] >> planes).bitwise_and_(1)  # (planes, words): row-major i
@@ -404,7 +400,7 @@ class MCAMode(TorchDispatchMode):
     def _fused_prelu(self, args: tuple, kwargs: dict) -> Tensor | None:
         """PReLU of a float32 input computed exactly and rounded in one pass (CPU, rr/sr), with
         the generic path's bits; None where that does not apply."""
-        if self.mode == "mca" or kwargs or len(args) != 2:
+        if kwargs or len(args) != 2:
             return None
         x, w = args
         if not (isinstance(x, Tensor) and isinstance(w, Tensor) and x.dtype == w.dtype
@@ -416,7 +412,7 @@ class MCAMode(TorchDispatchMode):
         except RuntimeError:
             return None  # aten raises its own error
         out = torch.empty_like(x)
-        _kernels.prelu_round_f32(x, w, out, self._draws(out), self.mode == "sr")
+        _kernels.prelu_round_f32(x, w, out, self._draws(out), self.mode, self.precision)
         return out
 
     def _inference_batch_norm(self, args: tuple, kwargs: dict,
@@ -443,11 +439,10 @@ class MCAMode(TorchDispatchMode):
         scale = (weight.to(_F64) if weight is not None else torch.ones_like(root)) / root
         shift = bias.to(_F64) if bias is not None else torch.zeros(c, dtype=_F64, device=x.device)
         mean64, scale, shift = (t.view(shape) for t in (mean.to(_F64), scale, shift))
-        if (dtype == torch.float32 and self.mode != "mca" and x.dim() <= 4
-                and _kernels.enabled(x)):
+        if dtype == torch.float32 and x.dim() <= 4 and _kernels.enabled(x):
             out = torch.empty_like(x)
             _kernels.batch_norm_round_f32(x, mean64, scale, shift, out, self._draws(out),
-                                          self.mode == "sr")
+                                          self.mode, self.precision)
         else:
             out = self._round((x.to(_F64) - mean64) * scale + shift, dtype)
         empty = x.new_empty(0)  # ATen's saved mean / inverse std, empty in inference
@@ -457,10 +452,10 @@ class MCAMode(TorchDispatchMode):
                      scratch32: Tensor) -> None:
         """Round float64 ``y`` into ``n`` (same shape) in place, using the scratch buffers.
 
-        ``draws``: the block's random bits (rr, 0.0/1.0) or uniform numbers (sr)."""
+        ``draws``: the block's random bits (rr, 0.0/1.0) or uniform numbers (sr, mca)."""
         n.copy_(y)  # nearest
         if self.mode == "mca":
-            z = self._mca_noise(y).add_(y).to(n.dtype)
+            z = self._mca_noise(y, draws).add_(y).to(n.dtype)
             n.copy_(torch.where(y != n, z, n))
             return
         shape, m, dtype = n.shape, n.numel(), n.dtype
@@ -488,7 +483,8 @@ class MCAMode(TorchDispatchMode):
             return y
         unknown = y != y.to(torch.float32)
         if self.mode == "mca":
-            return torch.where(unknown, self._mca_noise(y).add_(y), y)
+            noise = self._mca_noise(y, self._expand(y, self._draws(y)))
+            return torch.where(unknown, noise.add_(y), y)
         r = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
         r.random_(0, 4 if self.mode == "rr" else 8, generator=self._gen(y.device))
         top = 3 if self.mode == "rr" else 7

@@ -44,7 +44,7 @@ def matmul_case(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Ten
     return a, b, a.double() @ b.double()
 
 
-@pytest.mark.parametrize("mode", ["rr", "sr"])
+@pytest.mark.parametrize("mode", MODES)
 def test_fused_rounding_is_bit_identical_to_the_torch_path(mode: str, monkeypatch) -> None:
     """The numba kernel and the blockwise torch ops round every element the same way."""
     g = torch.Generator().manual_seed(5)
@@ -77,7 +77,7 @@ def both_kernel_paths(module: torch.nn.Module, x: Tensor, mode: str, monkeypatch
     return got[0]
 
 
-@pytest.mark.parametrize("mode", ["rr", "sr"])
+@pytest.mark.parametrize("mode", MODES)
 def test_fused_prelu_is_bit_identical_to_the_generic_path(mode: str, monkeypatch) -> None:
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 5, 6, 7, generator=g)
@@ -92,7 +92,7 @@ def test_fused_prelu_is_bit_identical_to_the_generic_path(mode: str, monkeypatch
             assert not torch.equal(got, F.prelu(case, weight)), "nothing was rounded"
 
 
-@pytest.mark.parametrize("mode", ["rr", "sr"])
+@pytest.mark.parametrize("mode", MODES)
 def test_fused_batch_norm_is_bit_identical_to_the_torch_formula(mode: str, monkeypatch) -> None:
     """Inference batch norm: one numba pass and the float64 torch ops give the same bits, close
     to PyTorch's float32 result; ``x == mean`` gives the bias exactly."""

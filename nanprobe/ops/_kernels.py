@@ -221,9 +221,9 @@ def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.n
 
 
 def _random_round(op: int, x: torch.Tensor, params: tuple[torch.Tensor, ...], out: torch.Tensor,
-                  draws: torch.Tensor, stochastic: bool) -> None:
-    """Run the random-rounding kernel of ``op`` on ``x`` (parameters cast to float64 and
-    broadcast to x's dimensions) into float32 ``out``."""
+                  draws: torch.Tensor, mode: str, precision: int) -> None:
+    """Run the random-rounding kernel of ``op`` and ``mode`` on ``x`` (parameters cast to
+    float64 and broadcast to x's dimensions) into float32 ``out``."""
     jit = _compiled()
     lead = (1,) * (x.dim() - max((t.dim() for t in params), default=0))
     params = tuple(t.detach().to(torch.float64).reshape(lead + tuple(t.shape)) for t in params)
@@ -231,31 +231,33 @@ def _random_round(op: int, x: torch.Tensor, params: tuple[torch.Tensor, ...], ou
     src, p4, dst_bits, index = views[0], views[1:-2], views[-2], views[-1]
     p4 = [np.ascontiguousarray(t) for t in p4]
     p4 += [np.zeros((1, 1, 1, 1))] * (3 - len(p4))
-    _run(jit.RANDOM_ROUND[op, stochastic], src, *p4, dst_bits, draws.numpy(), len(draws), index)
+    _run(jit.RANDOM_ROUND[op, mode], src, *p4, dst_bits, draws.numpy(), len(draws), index,
+         precision)
 
 
-def random_round_f32(y: torch.Tensor, out: torch.Tensor, draws: torch.Tensor,
-                     stochastic: bool) -> None:
+def random_round_f32(y: torch.Tensor, out: torch.Tensor, draws: torch.Tensor, mode: str,
+                     precision: int) -> None:
     """Round float64 ``y`` into float32 ``out`` (same shape, at most 4-D) like the in-process
-    MCA backend's ``rr`` or ``sr`` (``stochastic``) rounding, in one pass. ``draws``: int64
-    words of random bits, 64 (rr) or 2 (sr) draws each (``MCAMode._draws``)."""
-    _random_round(_compiled().ROUND_COPY, y, (), out, draws, stochastic)
+    MCA backend's ``mode`` ("rr", "sr" or "mca" at virtual ``precision``), in one pass.
+    ``draws``: int64 words of random bits (``MCAMode._draws``)."""
+    _random_round(_compiled().ROUND_COPY, y, (), out, draws, mode, precision)
 
 
 def prelu_round_f32(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-                    draws: torch.Tensor, stochastic: bool) -> None:
+                    draws: torch.Tensor, mode: str, precision: int) -> None:
     """PReLU of float32 ``x`` (at most 4-D; ``weight`` broadcastable to it) computed exactly
     and randomly rounded into ``out`` like :func:`random_round_f32`, in one pass."""
-    _random_round(_compiled().ROUND_PRELU, x, (weight,), out, draws, stochastic)
+    _random_round(_compiled().ROUND_PRELU, x, (weight,), out, draws, mode, precision)
 
 
 def batch_norm_round_f32(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
                          shift: torch.Tensor, out: torch.Tensor, draws: torch.Tensor,
-                         stochastic: bool) -> None:
+                         mode: str, precision: int) -> None:
     """``(x - mean) * scale + shift`` of float32 ``x`` (at most 4-D) computed in float64 from
     float64 parameters broadcastable to it, randomly rounded into ``out`` like
     :func:`random_round_f32`, in one pass."""
-    _random_round(_compiled().ROUND_AFFINE, x, (mean, scale, shift), out, draws, stochastic)
+    _random_round(_compiled().ROUND_AFFINE, x, (mean, scale, shift), out, draws, mode,
+                  precision)
 
 
 def noisy_max_partial(

@@ -7,6 +7,8 @@ vectorise over channels).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -450,12 +452,12 @@ def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh
 ROUND_COPY, ROUND_PRELU, ROUND_AFFINE = 0, 1, 2
 
 
-def _random_round_kernel(op: int, stochastic: bool):
+def _random_round_kernel(op: int, mode: str):
     """The random-rounding kernel of one operation and mode (both compile-time constants: a
     branch on them inside the element loop halves its speed).
 
-    ``kernel(x, p0, p1, p2, out_bits, draws, words, index)`` computes a float64 value per
-    element of ``x`` and rounds it randomly to float32, exact values kept. The value
+    ``kernel(x, p0, p1, p2, out_bits, draws, words, index, precision)`` computes a float64
+    value per element of ``x`` and rounds it randomly to float32, exact values kept. The value
     (``op``): ``ROUND_COPY`` x itself (a float64 result); ``ROUND_PRELU``
     ``x if x > 0 else p0 * x``; ``ROUND_AFFINE`` ``(x - p0) * p1 + p2`` (inference batch
     norm). A float32 x is widened first, so these are exact or rounded once in float64.
@@ -465,18 +467,20 @@ def _random_round_kernel(op: int, stochastic: bool):
     r = float32(value - n); where r != 0 and n is finite the other neighbour is n one ulp
     towards r (its bits one step up when n's sign matches r's, down otherwise; n = +-0 has r
     of its own sign). The element's draw is plane ``idx // words`` of the 64-bit word
-    ``draws[idx % words]`` (consecutive elements read consecutive words). ``rr`` takes the
-    other neighbour when bit ``plane`` of it is set (64 planes); ``sr`` (``stochastic``) when
-    the 24-bit uniform ``(word >> (32 * plane + 8) & 0xFFFFFF) / 2**24`` is below
-    ``r / (other - n)`` (2 planes). idx: the element's row-major index,
-    ``i*index[0] + j*index[1] + k*index[2] + m*index[3]``.
+    ``draws[idx % words]`` (consecutive elements read consecutive words; ``MCAMode._draws``).
+    ``rr`` takes the other neighbour when bit ``plane`` of it is set; ``sr`` when the 24-bit
+    uniform ``(word >> (32 * plane + 8) & 0xFFFFFF) / 2**24`` is below ``r / (other - n)``;
+    ``mca`` replaces an inexact value v by ``float32(v + (u - 1/2) * 2**(e - precision))``,
+    ``v = m * 2**e`` with 1/2 <= |m| < 1 and the 53-bit uniform ``u = (word >> 11) / 2**53``.
+    idx: the element's row-major index, ``i*index[0] + j*index[1] + k*index[2] + m*index[3]``.
 
     Arrays are 4-D with axes in memory order; ``out_bits`` is the float32 result seen as
     int32. Branch-free where the data decide: random branches mispredict half the time.
     """
+    rr, sr = mode == "rr", mode == "sr"
 
     @njit(parallel=True, cache=True, error_model="numpy")
-    def kernel(x, p0, p1, p2, out_bits, draws, words, index):
+    def kernel(x, p0, p1, p2, out_bits, draws, words, index, precision):
         a, b, c, w = x.shape
         ba, bb, bc, bw = p0.shape[0] > 1, p0.shape[1] > 1, p0.shape[2] > 1, p0.shape[3] > 1
         s = index[3]
@@ -501,14 +505,20 @@ def _random_round_kernel(op: int, stochastic: bool):
                         at = (i * ba, j * bb, k * bc, m * bw)
                         v = (v - p0[at]) * p1[at] + p2[at]
                     n = np.float32(v)
-                    r = np.float32(v - np.float64(n))
                     bits = n.view(np.int32)
+                    draw = draws[word + (m - m0) * s]
+                    if not rr and not sr:  # mca: noise at the virtual precision
+                        u = np.float64((draw >> 11) & 0x1FFFFFFFFFFFFF) * 2.0**-53
+                        scale = math.ldexp(1.0, math.frexp(v)[1] - precision)
+                        noisy = np.float32(v + (u - 0.5) * scale)
+                        out_bits[i, j, k, m] = noisy.view(np.int32) if v != n else bits
+                        continue
+                    r = np.float32(v - np.float64(n))
                     rbits = r.view(np.int32)
                     inexact = ((rbits & magnitude) != 0) & ((bits & exponent) != exponent)
                     step = np.int32(1) | ((bits ^ rbits) >> np.int32(31))  # +1 or -1
-                    draw = draws[word + (m - m0) * s]
-                    if stochastic:
-                        u = np.float32((draw >> (32 * plane + 8)) & 0xFFFFFF) * np.float32(2.0**-24)
+                    if sr:
+                        u = np.float32((draw >> (32 * plane + 8)) & 0xFFFFFF) * np.float32(2**-24)
                         take = u < r / (np.int32(bits + step).view(np.float32) - n)
                     else:
                         take = ((draw >> plane) & 1) != 0
@@ -518,9 +528,9 @@ def _random_round_kernel(op: int, stochastic: bool):
     return kernel
 
 
-#: the random-rounding kernels by (operation, stochastic)
-RANDOM_ROUND = {(op, stochastic): _random_round_kernel(op, stochastic)
-                for op in (ROUND_COPY, ROUND_PRELU, ROUND_AFFINE) for stochastic in (False, True)}
+#: the random-rounding kernels by (operation, mode)
+RANDOM_ROUND = {(op, mode): _random_round_kernel(op, mode)
+                for op in (ROUND_COPY, ROUND_PRELU, ROUND_AFFINE) for mode in ("rr", "sr", "mca")}
 
 
 @njit(parallel=True, cache=True)
