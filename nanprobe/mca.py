@@ -378,10 +378,16 @@ class MCAMode(TorchDispatchMode):
         """The random bits that round ``out``, drawn for the whole result at once: L int64
         words, element i (row-major) taking plane i // L of word i % L; ``rr``: 64 planes of
         one bit, ``sr``: 2 planes of 32 bits, whose top 24 make its uniform, ``mca``: the word,
-        whose top 53 bits make its uniform."""
-        words = torch.empty(-(-out.numel() // _PLANES[self.mode]), dtype=torch.int64,
-                            device=out.device)
-        return words.random_(-(2**63), None, generator=self._gen(out.device))
+        whose top 53 bits make its uniform. The words are a SplitMix64 stream keyed by one
+        draw of the mode's generator (computed by a numba kernel on CPU, by torch ops
+        elsewhere; the same bits)."""
+        device = out.device
+        key = int(torch.empty((), dtype=torch.int64, device=device)
+                  .random_(-(2**63), None, generator=self._gen(device)))
+        count = -(-out.numel() // _PLANES[self.mode])
+        if device.type == "cpu" and _kernels.enabled():
+            return _kernels.splitmix_words(key, count)
+        return _kernels.splitmix_words_torch(key, count, device)
 
     def _expand(self, out: Tensor, draws: Tensor) -> Tensor:
         """Torch path: the draw of each element of ``out``, shaped like it: ``rr`` bits as 0.0 /

@@ -25,6 +25,9 @@ _jit = None
 
 #: channels per thread task of the channels-last unpooling kernel
 UNPOOL_CHANNEL_BLOCK = 8
+#: SplitMix64 (Steele, Lea and Flood 2014): the Weyl increment and the two mixing multipliers
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_MUL = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
@@ -218,6 +221,32 @@ def _elementwise_views(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[np.n
     order = sorted(range(4), key=lambda d: (-strides[d], d))  # largest stride first
     views = tuple(t[lead].permute(order).numpy() for t in tensors)
     return (*views, np.array([index[d] for d in order], np.int64))
+
+
+def splitmix_words(key: int, count: int) -> torch.Tensor:
+    """``count`` int64 words of the SplitMix64 stream seeded with ``key`` (see
+    :func:`splitmix_words_torch`, which gives the same bits)."""
+    out = torch.empty(count, dtype=torch.int64)
+    _run(_compiled().splitmix_words, np.array([key], np.int64).view(np.uint64),
+         out.numpy().view(np.uint64))
+    return out
+
+
+def splitmix_words_torch(key: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """The same words as :func:`splitmix_words` from int64 torch ops (any device): products
+    wrap modulo 2**64 as the unsigned ones do, and logical right shifts are arithmetic ones
+    masked to the bits that remain."""
+    def signed(v: int) -> int:
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    def shr(z: torch.Tensor, k: int) -> torch.Tensor:
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    gamma, (m1, m2) = signed(SPLITMIX_GAMMA), (signed(v) for v in SPLITMIX_MUL)
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device).mul_(gamma).add_(key)
+    z = (z ^ shr(z, 30)).mul_(m1)
+    z = (z ^ shr(z, 27)).mul_(m2)
+    return z ^ shr(z, 31)
 
 
 def _random_round(op: int, x: torch.Tensor, params: tuple[torch.Tensor, ...], out: torch.Tensor,

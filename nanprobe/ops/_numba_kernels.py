@@ -12,6 +12,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ._kernels import SPLITMIX_GAMMA, SPLITMIX_MUL
+
 
 @njit(inline="always")
 def _window_max(x, n, c, r0, c0, kh, kw, h, w, use_tie, tie_limit, eps, rtol):
@@ -446,6 +448,22 @@ def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh
             m = mean[n, i, j]
             for co in range(cout):
                 y[n, i, j, co] += m * acc[co]
+
+
+@njit(parallel=True, cache=True)
+def splitmix_words(key, out):
+    """out[i] = SplitMix64 output i of the stream seeded with ``key`` (uint64 arrays): the state
+    ``key + (i + 1) * gamma`` mixed; counter-based, so any slice is computed independently."""
+    gamma = np.uint64(SPLITMIX_GAMMA)
+    m1, m2 = np.uint64(SPLITMIX_MUL[0]), np.uint64(SPLITMIX_MUL[1])
+    s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
+    n = out.shape[0]
+    for chunk in prange((n + 4095) // 4096):
+        for i in range(chunk * 4096, min(n, chunk * 4096 + 4096)):
+            z = key[0] + np.uint64(i + 1) * gamma
+            z = (z ^ (z >> s30)) * m1
+            z = (z ^ (z >> s27)) * m2
+            out[i] = z ^ (z >> s31)
 
 
 #: operations of the random-rounding kernels: the float64 value of an element of x
