@@ -57,9 +57,9 @@ one ulp down or up with probability 1/4 each, ``"sr"`` 1/8 each (their rates und
 ``"mca"`` adds the noise above.
 
 **Reproducibility.** Random draws come from the mode's own ``torch.Generator`` (one per device,
-seeded with ``seed``), never the global RNG, in op order: each rounded result draws its random
-bits at once, as 64-bit words (``rr``: one bit per element, ``sr``: 32, of which the top 24 make
-its uniform). A given model, input and seed give a bit-identical sample (on one machine and
+seeded with ``seed``), never the global RNG, in op order: each rounded result takes one draw,
+the key of a SplitMix64 stream of 64-bit words that holds its random bits (``rr``: one bit per
+element, ``sr``: 32, of which the top 24 make its uniform, ``mca``: 64, of which the top 53 do). A given model, input and seed give a bit-identical sample (on one machine and
 thread count: float64 GEMMs may sum in another order elsewhere). The stream continues across
 ``with`` blocks of one mode object (each forward gets fresh noise); build a new mode with the
 same seed to replay. Version 0.3.0 draws differently from earlier versions: the same seed gives
@@ -70,9 +70,9 @@ results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kern
 bit-identical to the torch ops used elsewhere; PReLU and inference batch norm are even computed
 in that pass), otherwise about ten elementwise passes run block by block in cache. On 2 CPU
 threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes
-about 3x its plain time in ``"rr"`` (2.9-3.7x, depending on how much of the plain forward is
-page faults on fresh outputs), about 5x in ``"sr"`` and 12x in ``"mca"`` (float64 noise); most
-of it is the float64 convolution (about 4x a float32 one).
+2.9-3.8x its plain time in ``"rr"`` (depending on how much of the plain forward is page
+faults on fresh outputs), about 5x in ``"sr"`` and 9x in ``"mca"``; most of it is the float64
+convolution (about 4x a float32 one).
 """
 
 from __future__ import annotations
