@@ -59,11 +59,12 @@ one ulp down or up with probability 1/4 each, ``"sr"`` 1/8 each (their rates und
 **Reproducibility.** Random draws come from the mode's own ``torch.Generator`` (one per device,
 seeded with ``seed``), never the global RNG, in op order: each rounded result takes one draw,
 the key of a SplitMix64 stream of 64-bit words that holds its random bits (``rr``: one bit per
-element, ``sr``: 32, of which the top 24 make its uniform, ``mca``: 64, of which the top 53 do). A given model, input and seed give a bit-identical sample (on one machine and
-thread count: float64 GEMMs may sum in another order elsewhere). The stream continues across
-``with`` blocks of one mode object (each forward gets fresh noise); build a new mode with the
-same seed to replay. Version 0.3.0 draws differently from earlier versions: the same seed gives
-other, equally valid samples.
+element, ``sr``: 32, of which the top 24 make its uniform, ``mca``: 64, of which the top 53
+do). A given model, input and seed give a bit-identical sample (on one machine and thread
+count: float64 GEMMs may sum in another order elsewhere). The stream continues across ``with``
+blocks of one mode object (each forward gets fresh noise); build a new mode with the same seed
+to replay. Version 0.3.0 draws differently from earlier versions: the same seed gives other,
+equally valid samples.
 
 **Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
 results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`,
