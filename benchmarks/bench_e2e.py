@@ -10,6 +10,7 @@ thresholds.json`` (e.g. written by ``nanprobe analyze``), else from a quick
 ``nanprobe.calibrate.calibrate`` run on the default calibration slices.
 
     python benchmarks/bench_e2e.py [--thresholds FILE] [--slices 0:256:8] [--reps 5]
+    python benchmarks/bench_e2e.py --retain-freed-memory   # the same without page faults
 """
 
 from __future__ import annotations

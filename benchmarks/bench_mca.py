@@ -5,6 +5,7 @@ coronal slices of the bundled brain, and, when a Verrou-enabled valgrind is foun
 (``--valgrind`` / $NANPROBE_VALGRIND / PATH), the wall-clock of one Verrou sample.
 
     python benchmarks/bench_mca.py [--slices 4] [--reps 5] [--valgrind PATH]
+    python benchmarks/bench_mca.py --retain-freed-memory   # the same without page faults
 """
 
 from __future__ import annotations

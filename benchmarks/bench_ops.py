@@ -7,6 +7,7 @@ dense, NaN, ...) and the ratio of medians is reported, so both sides see the sam
 
     python benchmarks/bench_ops.py            # full table (several minutes on 2 cores)
     python benchmarks/bench_ops.py --quick    # a few rows
+    python benchmarks/bench_ops.py --retain-freed-memory   # without page faults
 """
 
 from __future__ import annotations
