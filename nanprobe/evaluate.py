@@ -108,8 +108,8 @@ def rerun_retaining_freed_memory() -> None:
 def allocator_note() -> str:
     """One line saying whether this process keeps freed memory (for benchmark headers)."""
     if _retaining_freed_memory():
-        return "allocator: glibc keeps freed memory (no page faults on reused outputs)"
-    return "allocator: default (fresh pages, and their faults, for every multi-MB output)"
+        return "allocator: glibc keeps freed memory, no page faults on reused blocks"
+    return "allocator: default, large tensors are fresh memory that page-faults in"
 
 
 def skip_table(stats: dict[str, dict[str, Any]], key: str = "total") -> list[dict[str, Any]]:

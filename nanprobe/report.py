@@ -708,7 +708,7 @@ def _speed_html(report: Mapping[str, Any], run_dir: Path) -> str:
             for i, s in enumerate(sp["settings"])]
     threads = f" with {sp['threads']} threads" if sp["threads"] else ""
     if sp.get("allocator"):
-        threads += f" ({sp['allocator']})"
+        threads += f"; {sp['allocator']}"
     plain_cl = ("" if cl is None else
                 _cat(" The plain model converted to channels-last layout (the layout the NaN "
                      "convolutions compute in) took ", _ms(cl), "; the last column compares "
