@@ -260,6 +260,12 @@ def _promote(floats: list[Tensor]) -> torch.dtype:
     return dtype
 
 
+#: ``_conv64`` applies all kernel taps to one chunk of output columns of about this many bytes
+#: before the next (1.2-1.3x faster than tap by tap over the whole output, measured here)
+CONV64_CHUNK_BYTES = 16 << 20
+CONV64_MIN_CHUNK = 8192
+
+
 def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int],
             dilation: list[int], transposed: bool, groups: int) -> Tensor | None:
     """Float64 2-D convolution as one GEMM per kernel tap on a zero-padded copy of ``x``.
@@ -267,7 +273,8 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
     ``x``, ``w``, ``b`` may be of the working dtype (they are cast up exactly here).
 
     PyTorch's own float64 CPU convolution (im2col) is ~15x slower than its float32 one; this is
-    2-3x. Returns None where it does not apply (strided, transposed, grouped, not 2-D, not CPU).
+    1-2.5x (measured here), taps applied chunk by chunk of output columns while the chunk is in
+    cache. Returns None where it does not apply (strided, transposed, grouped, not 2-D, not CPU).
     The padded copy and the result live in per-thread scratch buffers (no page faults): the
     result is valid until the next call on this thread.
     """
@@ -297,16 +304,20 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
     cols = n * plane - dh * (kh - 1) * wp - dw * (kw - 1)  # positions whose taps are in range
     taps = w.to(_F64).permute(2, 3, 0, 1).contiguous()  # (kh, kw, o, c)
     out = scratch("mca_conv_output", (o, cols), _F64)
-    first = flat[:, :cols]
-    if b is None:
-        torch.mm(taps[0, 0], first, out=out)
-    else:
-        torch.addmm(b.to(_F64)[:, None], taps[0, 0], first, out=out)
-    for i in range(kh):
-        for j in range(kw):
-            if i or j:
-                off = i * dh * wp + j * dw
-                out.addmm_(taps[i, j], flat[:, off:off + cols])
+    bias = None if b is None else b.to(_F64)[:, None]
+    step = max(CONV64_MIN_CHUNK, CONV64_CHUNK_BYTES // (8 * o))
+    for lo in range(0, cols, step):  # all taps per chunk of columns, while it is in cache
+        hi = min(cols, lo + step)
+        dst = out[:, lo:hi]
+        if bias is None:
+            torch.mm(taps[0, 0], flat[:, lo:hi], out=dst)
+        else:
+            torch.addmm(bias, taps[0, 0], flat[:, lo:hi], out=dst)
+        for i in range(kh):
+            for j in range(kw):
+                if i or j:
+                    off = i * dh * wp + j * dw
+                    dst.addmm_(taps[i, j], flat[:, off + lo:off + hi])
     # output (b, oc, r, q) sits at flat position b * plane + r * wp + q of channel row oc
     return out.as_strided((n, o, ho, wo), (plane, cols, wp, 1))
 

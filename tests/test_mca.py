@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanprobe import mca
 from nanprobe.mca import _BLOCK, MODES, MCAMode, _blocks, _conv64, mca_mode
 from nanprobe.models.fastsurfer import FastSurferVINN
 from nanprobe.models.mnist import MnistCNN
@@ -440,6 +441,21 @@ def test_float64_convolution(n: int, c: int, o: int, k: int, padding: tuple[int,
     assert got is not None and got.shape == want.shape
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
     assert _conv64(x, w, b, [2, 2], list(padding), list(dilation), False, 1) is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_float64_convolution_in_column_chunks(monkeypatch, bias: bool) -> None:
+    """Chunks of 7 output columns (the last one short) give the same bits as one chunk."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 3, 9, 11, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    b = torch.randn(4, generator=g) if bias else None
+    whole = _conv64(x, w, b, [1, 1], [1, 1], [1, 1], False, 1).clone()
+    monkeypatch.setattr(mca, "CONV64_MIN_CHUNK", 1)
+    monkeypatch.setattr(mca, "CONV64_CHUNK_BYTES", 8 * 4 * 7)
+    chunked = _conv64(x, w, b, [1, 1], [1, 1], [1, 1], False, 1)
+    assert torch.equal(chunked, whole)
+    want = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    assert torch.allclose(chunked, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{"padding": 1}, {"stride": 2}, {"groups": 2}])
