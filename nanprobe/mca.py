@@ -63,8 +63,8 @@ element, ``sr``: 32, of which the top 24 make its uniform, ``mca``: 64, of which
 do). A given model, input and seed give a bit-identical sample (on one machine and thread
 count: float64 GEMMs may sum in another order elsewhere). The stream continues across ``with``
 blocks of one mode object (each forward gets fresh noise); build a new mode with the same seed
-to replay. Version 0.3.0 draws differently from earlier versions: the same seed gives other,
-equally valid samples.
+to replay. Version 0.4.0 reads the words differently from 0.3.0 (``MCAMode._draws``), which
+drew differently from earlier versions: the same seed gives other, equally valid samples.
 
 **Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
 results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`,
@@ -105,7 +105,7 @@ _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # neighbour, so n + STEP * d lands at least two ulps away, on the residual's side.
 _STEP = {torch.float32: 2.0**30, torch.float16: 2.0**43, torch.bfloat16: 2.0**46}
 # draws per random int64 word: bits (rr), 32-bit halves (sr), the word (mca)
-_PLANES = {"rr": 64, "sr": 2, "mca": 1}
+_PER_WORD = {"rr": 64, "sr": 2, "mca": 1}
 _BLOCK = 1 << 17  # elements rounded at a time: its ~10 passes then run in cache (2x faster)
 
 # Ops whose floating-point results are selections / copies / exact transformations of their
@@ -387,16 +387,16 @@ class MCAMode(TorchDispatchMode):
         return out
 
     def _draws(self, out: Tensor) -> Tensor:
-        """The random bits that round ``out``, drawn for the whole result at once: L int64
-        words, element i (row-major) taking plane i // L of word i % L; ``rr``: 64 planes of
-        one bit, ``sr``: 2 planes of 32 bits, whose top 24 make its uniform, ``mca``: the word,
-        whose top 53 bits make its uniform. The words are a SplitMix64 stream keyed by one
-        draw of the mode's generator (computed by a numba kernel on CPU, by torch ops
-        elsewhere; the same bits)."""
+        """The random bits that round ``out``, drawn for the whole result at once as int64
+        words; element i (row-major) takes, for ``rr``, bit i % 64 of word i // 64; for
+        ``sr``, 32-bit half i % 2 (low half first) of word i // 2, whose top 24 bits make its
+        uniform; for ``mca``, word i, whose top 53 bits make its uniform. The words are a
+        SplitMix64 stream keyed by one draw of the mode's generator (computed by a numba
+        kernel on CPU, by torch ops elsewhere; the same bits)."""
         device = out.device
         key = int(torch.empty((), dtype=torch.int64, device=device)
                   .random_(-(2**63), None, generator=self._gen(device)))
-        count = -(-out.numel() // _PLANES[self.mode])
+        count = -(-out.numel() // _PER_WORD[self.mode])
         if device.type == "cpu" and _kernels.enabled():
             return _kernels.splitmix_words(key, count)
         return _kernels.splitmix_words_torch(key, count, device)
@@ -407,11 +407,12 @@ class MCAMode(TorchDispatchMode):
         if self.mode == "mca":
             u = (draws >> 11).bitwise_and_(2**53 - 1).to(_F64).mul_(2.0**-53)
             return u.view(out.shape)
-        planes = torch.arange(-(-out.numel() // len(draws)), device=out.device)[:, None]
+        per_word = _PER_WORD[self.mode]
+        shifts = torch.arange(per_word, device=out.device) * (64 // per_word)
         if self.mode == "rr":
-            values = (draws[None, :] >> planes).bitwise_and_(1)  # (planes, words): row-major i
+            values = (draws[:, None] >> shifts).bitwise_and_(1)  # (words, 64): row-major i
         else:
-            values = (draws[None, :] >> (32 * planes + 8)).bitwise_and_(0xFFFFFF)
+            values = (draws[:, None] >> (shifts + 8)).bitwise_and_(0xFFFFFF)
         values = values.view(-1)[:out.numel()].to(torch.float32).view(out.shape)
         return values if self.mode == "rr" else values.mul_(2.0**-24)
 

@@ -12,6 +12,7 @@ Kernels are compiled on first use (a few seconds) and cached on disk by numba.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -31,8 +32,9 @@ SPLITMIX_MUL = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels apply: CPU float32/float64 tensors, not disabled by ``ENV``."""
-    if os.environ.get(ENV, "numba").lower() == "torch":
+    """Whether the fused kernels apply: CPU float32/float64 tensors, not disabled by ``ENV``,
+    on a little-endian machine (the rounding kernels read int64 words as two 32-bit halves)."""
+    if os.environ.get(ENV, "numba").lower() == "torch" or sys.byteorder != "little":
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
@@ -260,7 +262,8 @@ def _random_round(op: int, x: torch.Tensor, params: tuple[torch.Tensor, ...], ou
     src, p4, dst_bits, index = views[0], views[1:-2], views[-2], views[-1]
     p4 = [np.ascontiguousarray(t) for t in p4]
     p4 += [np.zeros((1, 1, 1, 1))] * (3 - len(p4))
-    _run(jit.RANDOM_ROUND[op, mode], src, *p4, dst_bits, draws.numpy(), len(draws), index,
+    words = draws.numpy()
+    _run(jit.RANDOM_ROUND[op, mode], src, *p4, dst_bits, words.view(np.int32), words, index,
          precision)
 
 

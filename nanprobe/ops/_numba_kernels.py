@@ -474,7 +474,7 @@ def _random_round_kernel(op: int, mode: str):
     """The random-rounding kernel of one operation and mode (both compile-time constants: a
     branch on them inside the element loop halves its speed).
 
-    ``kernel(x, p0, p1, p2, out_bits, draws, words, index, precision)`` computes a float64
+    ``kernel(x, p0, p1, p2, out_bits, halves, words, index, precision)`` computes a float64
     value per element of ``x`` and rounds it randomly to float32, exact values kept. The value
     (``op``): ``ROUND_COPY`` x itself (a float64 result); ``ROUND_PRELU``
     ``x if x > 0 else p0 * x``; ``ROUND_AFFINE`` ``(x - p0) * p1 + p2`` (inference batch
@@ -484,13 +484,14 @@ def _random_round_kernel(op: int, mode: str):
     Rounding, as ``MCAMode._round_block`` does it (identical bits): n = nearest float32,
     r = float32(value - n); where r != 0 and n is finite the other neighbour is n one ulp
     towards r (its bits one step up when n's sign matches r's, down otherwise; n = +-0 has r
-    of its own sign). The element's draw is plane ``idx // words`` of the 64-bit word
-    ``draws[idx % words]`` (consecutive elements read consecutive words; ``MCAMode._draws``).
-    ``rr`` takes the other neighbour when bit ``plane`` of it is set; ``sr`` when the 24-bit
-    uniform ``(word >> (32 * plane + 8) & 0xFFFFFF) / 2**24`` is below ``r / (other - n)``;
-    ``mca`` replaces an inexact value v by ``float32(v + (u - 1/2) * 2**(e - precision))``,
-    ``v = m * 2**e`` with 1/2 <= |m| < 1 and the 53-bit uniform ``u = (word >> 11) / 2**53``.
-    idx: the element's row-major index, ``i*index[0] + j*index[1] + k*index[2] + m*index[3]``.
+    of its own sign). Element idx's random bits (``MCAMode._draws``), with ``halves`` the
+    32-bit halves of the int64 ``words``, low half first: ``rr`` takes the other neighbour when
+    bit ``idx % 32`` of ``halves[idx // 32]`` is set (bit ``idx % 64`` of word ``idx // 64``);
+    ``sr`` when the 24-bit uniform ``(halves[idx] >> 8 & 0xFFFFFF) / 2**24`` is below
+    ``r / (other - n)``; ``mca`` replaces an inexact value v by
+    ``float32(v + (u - 1/2) * 2**(e - precision))``, ``v = m * 2**e`` with 1/2 <= |m| < 1 and
+    the 53-bit uniform ``u = (words[idx] >> 11) / 2**53``. idx: the element's row-major index,
+    ``i*index[0] + j*index[1] + k*index[2] + m*index[3]``.
 
     Arrays are 4-D with axes in memory order; ``out_bits`` is the float32 result seen as
     int32. Branch-free where the data decide: random branches mispredict half the time.
@@ -498,7 +499,7 @@ def _random_round_kernel(op: int, mode: str):
     rr, sr = mode == "rr", mode == "sr"
 
     @njit(parallel=True, cache=True, error_model="numpy")
-    def kernel(x, p0, p1, p2, out_bits, draws, words, index, precision):
+    def kernel(x, p0, p1, p2, out_bits, halves, words, index, precision):
         a, b, c, w = x.shape
         ba, bb, bc, bw = p0.shape[0] > 1, p0.shape[1] > 1, p0.shape[2] > 1, p0.shape[3] > 1
         s = index[3]
@@ -508,40 +509,33 @@ def _random_round_kernel(op: int, mode: str):
             j = (q // c) % b
             i = q // (b * c)
             base = i * index[0] + j * index[1] + k * index[2]
-            m0 = 0
-            while m0 < w:  # runs of elements whose draws lie in one bit plane
-                idx = base + m0 * s
-                plane = idx // words
-                word = idx - plane * words
-                m1 = min(w, m0 + (words - word + s - 1) // s)
-                for m in range(m0, m1):
-                    v = np.float64(x[i, j, k, m])
-                    if op == ROUND_PRELU:
-                        scaled = p0[i * ba, j * bb, k * bc, m * bw] * v
-                        v = v if v > 0 else scaled
-                    elif op == ROUND_AFFINE:
-                        at = (i * ba, j * bb, k * bc, m * bw)
-                        v = (v - p0[at]) * p1[at] + p2[at]
-                    n = np.float32(v)
-                    bits = n.view(np.int32)
-                    draw = draws[word + (m - m0) * s]
-                    if not rr and not sr:  # mca: noise at the virtual precision
-                        u = np.float64((draw >> 11) & 0x1FFFFFFFFFFFFF) * 2.0**-53
-                        scale = math.ldexp(1.0, math.frexp(v)[1] - precision)
-                        noisy = np.float32(v + (u - 0.5) * scale)
-                        out_bits[i, j, k, m] = noisy.view(np.int32) if v != n else bits
-                        continue
-                    r = np.float32(v - np.float64(n))
-                    rbits = r.view(np.int32)
-                    inexact = ((rbits & magnitude) != 0) & ((bits & exponent) != exponent)
-                    step = np.int32(1) | ((bits ^ rbits) >> np.int32(31))  # +1 or -1
-                    if sr:
-                        u = np.float32((draw >> (32 * plane + 8)) & 0xFFFFFF) * np.float32(2**-24)
-                        take = u < r / (np.int32(bits + step).view(np.float32) - n)
-                    else:
-                        take = ((draw >> plane) & 1) != 0
-                    out_bits[i, j, k, m] = bits + (step & -np.int32(take & inexact))
-                m0 = m1
+            for m in range(w):
+                idx = base + m * s
+                v = np.float64(x[i, j, k, m])
+                if op == ROUND_PRELU:
+                    scaled = p0[i * ba, j * bb, k * bc, m * bw] * v
+                    v = v if v > 0 else scaled
+                elif op == ROUND_AFFINE:
+                    at = (i * ba, j * bb, k * bc, m * bw)
+                    v = (v - p0[at]) * p1[at] + p2[at]
+                n = np.float32(v)
+                bits = n.view(np.int32)
+                if not rr and not sr:  # mca: noise at the virtual precision
+                    u = np.float64((words[idx] >> 11) & 0x1FFFFFFFFFFFFF) * 2.0**-53
+                    scale = math.ldexp(1.0, math.frexp(v)[1] - precision)
+                    noisy = np.float32(v + (u - 0.5) * scale)
+                    out_bits[i, j, k, m] = noisy.view(np.int32) if v != n else bits
+                    continue
+                r = np.float32(v - np.float64(n))
+                rbits = r.view(np.int32)
+                inexact = ((rbits & magnitude) != 0) & ((bits & exponent) != exponent)
+                step = np.int32(1) | ((bits ^ rbits) >> np.int32(31))  # +1 or -1
+                if sr:
+                    u = np.float32((halves[idx] >> 8) & 0xFFFFFF) * np.float32(2**-24)
+                    take = np.int32(u < r / (np.int32(bits + step).view(np.float32) - n))
+                else:
+                    take = (halves[idx >> 5] >> np.int32(idx & 31)) & np.int32(1)
+                out_bits[i, j, k, m] = bits + (step & -(take & np.int32(inexact)))
 
     return kernel
 
