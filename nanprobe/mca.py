@@ -71,9 +71,9 @@ results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kern
 bit-identical to the torch ops used elsewhere; PReLU and inference batch norm are even computed
 in that pass), otherwise about ten elementwise passes run block by block in cache. On 2 CPU
 threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes
-2.9-3.8x its plain time in ``"rr"`` (depending on how much of the plain forward is page
-faults on fresh outputs), about 5x in ``"sr"`` and 9x in ``"mca"``; most of it is the float64
-convolution (about 4x a float32 one).
+2.9-3.3x its plain time in ``"rr"`` (3.6-3.8x when the plain forward pays no page faults on
+fresh outputs), 3.5-3.9x in ``"sr"`` and 7-8x in ``"mca"``; most of it is the float64
+convolution and the rounding of its result (about 4x a float32 one).
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def _promote(floats: list[Tensor]) -> torch.dtype:
 
 
 #: ``_conv64`` applies all kernel taps to one chunk of output columns of about this many bytes
-#: before the next (1.2-1.3x faster than tap by tap over the whole output, measured here)
+#: before the next (1.2-1.5x faster than tap by tap over the whole output, measured here)
 CONV64_CHUNK_BYTES = 16 << 20
 CONV64_MIN_CHUNK = 8192
 
