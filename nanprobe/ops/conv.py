@@ -144,16 +144,17 @@ class _NanLayout:
         return bool(((self.per_pixel == 0) | (self.per_pixel == self.channels)).all())
 
 
-def _pixel_nans(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """NaN entries per pixel (N, H, W) and, from the fused kernel, the sum of numbers (or None).
+def _pixel_nans(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """NaN entries per pixel (N, H, W) and, from the fused kernel, the sum of numbers (or None);
+    (None, None) when ``x`` holds no NaN.
 
     One cheap sum first proves most inputs NaN-free (inf - inf only costs the counting pass),
     unless a corner pixel already shows NaN (NaN backgrounds); the fused kernel then counts and
     sums in one pass, the torch path counts from ``isnan``.
     """
-    n, c, h, w = x.shape
+    c = x.shape[1]
     if not bool(torch.isnan(x[:, :, 0, 0]).any()) and not bool(torch.isnan(x.sum())):
-        return torch.zeros(n, h, w, dtype=torch.int32, device=x.device), None
+        return None, None
     if _kernels.enabled(x):
         return _kernels.pixel_stats(x)
     # a uint8 channel sum is much faster than a bool -> int one; exact while C < 256
@@ -197,7 +198,11 @@ def _nan_layout(
     """
     n, c, h, w = x.shape
     per_pixel, pixel_total = _pixel_nans(x)
-    if nan_threshold > 0 and not bool(per_pixel.any()):
+    if per_pixel is None:  # NaN-free: nothing to do unless a threshold of 0 skips everything
+        if nan_threshold > 0:
+            return None
+        per_pixel = torch.zeros(n, h, w, dtype=torch.int32, device=x.device)
+    elif nan_threshold > 0 and not bool(per_pixel.any()):
         return None
     if pixel_total is not None:  # fused kernels: one pass over the per-pixel maps
         skip, partial, mean, skipped, partials = _kernels.window_layout(
