@@ -230,7 +230,7 @@ def calibrate(
     against: str = "auto",
     sigma: float = 1e-3,
     repeats: int = 3,
-    batch_size: int = 8,
+    batch_size: int = 4,
     seed: int = 0,
     provenance_extra: Mapping[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
@@ -242,6 +242,9 @@ def calibrate(
     ``pooling``: see :func:`load_pooling`. ``tolerance``: allowed loss (default
     :data:`DEFAULT_TOLERANCE` of the task); ``against``: ``"auto"`` (labels when the input has
     them, else the plain model), ``"labels"`` or ``"plain"``. ``seed`` seeds ``noisy_max``.
+    ``batch_size``: items per forward call. The timings depend on it: at 8 slices a 16-channel
+    256² activation reaches glibc's 32 MiB mmap ceiling and page-faults in on every call
+    (``benchmarks/bench_e2e.py`` times several batch sizes).
     ``provenance_extra`` is added to the provenance (e.g. the calling command's options).
     ``on_progress(done, total)`` follows the sweep. Returns the calibration dict:
 

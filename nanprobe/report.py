@@ -219,6 +219,7 @@ def _calibration_sections(cal: Mapping[str, Any] | None) -> dict[str, Any]:
              "plain_seconds_channels_last": cal["plain"].get("seconds_channels_last"),
              "threads": cal.get("provenance", {}).get("threads"),
              "allocator": cal.get("provenance", {}).get("allocator"),
+             "batch_size": cal.get("provenance", {}).get("batch_size"),
              "settings": [{**{k: s[k] for k in ("nan_threshold", "fill", "seconds", "speedup")},
                            "speedup_channels_last": s.get("speedup_channels_last")}
                           for s in settings]}
@@ -707,6 +708,8 @@ def _speed_html(report: Mapping[str, Any], run_dir: Path) -> str:
              ratio(s.get("speedup_channels_last"))]
             for i, s in enumerate(sp["settings"])]
     threads = f" with {sp['threads']} threads" if sp["threads"] else ""
+    if sp.get("batch_size"):  # the plain model's time per item depends on it (page faults)
+        threads = f", {sp['batch_size']} per forward call{threads}"
     if sp.get("allocator"):
         threads += f"; {sp['allocator']}"
     plain_cl = ("" if cl is None else

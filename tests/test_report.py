@@ -127,6 +127,9 @@ def test_real_calibration_report(run_copy):
     # the speed figures say which allocator mode they were measured in (page faults weigh)
     assert written["provenance"]["allocator"] == report["speed"]["allocator"] == allocator_note()
     assert allocator_note() in text
+    # ... and at which batch size (it decides which activations reach the mmap threshold)
+    assert report["speed"]["batch_size"] == written["provenance"]["batch_size"] == 4
+    assert "calibration inputs, 4 per forward call" in text
     focus = report["layers"]["setting"]
     assert report["layers"]["rows"] == written["settings"][focus]["layers"]
     assert report["slices"]["rows"] == written["settings"][focus]["per_item"]
