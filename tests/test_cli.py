@@ -28,11 +28,14 @@ def test_version():
 
 def test_demo_runs_offline_and_writes_provenance(tmp_path):
     out = tmp_path / "demo.json"
-    result = runner.invoke(app, ["demo", "--slices", "2", "--repeats", "1", "--out", str(out)])
+    result = runner.invoke(app, ["demo", "--slices", "3", "--repeats", "1", "--batch-size", "2",
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "identical labels" in result.output and "speed-up" in result.output
+    assert "batches of 2" in result.output
     res = json.loads(out.read_text())
     assert res["provenance"]["model"] == "default" and res["provenance"]["input_sha256"]
+    assert res["settings"]["batch_size"] == 2  # 3 slices: a batch of 2 and one of 1
     assert res["skip"][-1]["layer"] == "all convs" and res["skip"][-1]["skipped"] > 0
     assert res["identical_labels"] > 0.99
     assert res["speedup_channels_last"] == pytest.approx(
