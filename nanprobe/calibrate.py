@@ -36,10 +36,12 @@ from .evaluate import (
     allocator_note,
     classification_scores,
     dice_per_class,
+    forward_pass,
     interleaved_times,
     labels_from_logits,
     mean_foreground_dice,
     skip_table,
+    split_batches,
 )
 from .inputs import PreparedInput, prepare_input
 from .jsonio import json_safe, write_json
@@ -132,17 +134,12 @@ class _PerItemSkips:
             h.remove()
 
 
-def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """``x`` split along the first axis into chunks of at most ``batch_size`` (views)."""
-    return list(torch.split(x, batch_size))
-
-
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int, nan_label: int,
              probe: _PerItemSkips | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels (items first) and, with a probe, per-item skip fractions (positions, MACs)."""
     labels, pos, macs = [], [], []
     with torch.no_grad():
-        for batch in _batches(x, batch_size):
+        for batch in split_batches(x, batch_size):
             labels.append(labels_from_logits(model(batch), nan_label))
             if probe is not None:
                 p, m = probe.take()
@@ -321,24 +318,15 @@ def calibrate(
         if on_progress:
             on_progress(done + 1, total)
 
-    batches = _batches(x, batch_size)
+    batches = split_batches(x, batch_size)
     # the plain model in channels-last layout: nanified convolutions compute in that layout, so
     # this baseline separates what the skipping gains from what the layout gains
     plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-    batches_cl = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b
-                  for b in batches]
-
-    def forward(m: nn.Module, inputs: list[torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                for batch in inputs:
-                    m(batch)
-        return run
-
-    forward(plain_cl, batches_cl)()  # warm-up; every other model just ran on x
+    batches_cl = split_batches(x, batch_size, channels_last=True)
+    forward_pass(plain_cl, batches_cl)()  # warm-up; every other model just ran on x
     seconds = interleaved_times(
-        [forward(plain, batches), forward(plain_cl, batches_cl),
-         *(forward(m, batches) for m in models)], repeats, warmup=False)
+        [forward_pass(plain, batches), forward_pass(plain_cl, batches_cl),
+         *(forward_pass(m, batches) for m in models)], repeats, warmup=False)
     for setting, t in zip(settings, seconds[2:], strict=True):
         setting["seconds"] = t
         setting["speedup"] = seconds[0] / t

@@ -14,7 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .evaluate import dice_per_class, interleaved_times, labels_from_logits, skip_table
+from .evaluate import (
+    dice_per_class,
+    forward_pass,
+    interleaved_times,
+    labels_from_logits,
+    skip_table,
+    split_batches,
+)
 from .inputs import prepare_input
 from .models.registry import load
 from .ops import nanify, skip_stats
@@ -39,15 +46,11 @@ def demo_results(*, slices: int = 8, nan_threshold: float = 1.0, tie_eps: float 
         # the plain model in channels-last layout (the NaN convolutions' layout) separates the
         # skipping's gain from the layout's
         plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-        batches = torch.split(x, batch_size)
-        batches_cl = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-
-        def forward(model: torch.nn.Module, inputs: list[torch.Tensor]) -> Any:
-            return lambda: [model(b) for b in inputs]
-
+        batches = split_batches(x, batch_size)
+        batches_cl = split_batches(x, batch_size, channels_last=True)
         t_plain, t_cl, t_nan = interleaved_times(
-            [forward(plain, batches), forward(plain_cl, batches_cl),
-             forward(nan_model, batches)], repeats)
+            [forward_pass(plain, batches), forward_pass(plain_cl, batches_cl),
+             forward_pass(nan_model, batches)], repeats)
     classes = loaded.num_classes or int(ref_labels.max()) + 1
     return {
         "provenance": {"model": loaded.spec, "weights_sha256": loaded.weights_sha256,

@@ -80,6 +80,26 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
     return [statistics.median(t) for t in times]
 
 
+def split_batches(x: torch.Tensor, batch_size: int, channels_last: bool = False
+                  ) -> list[torch.Tensor]:
+    """``x`` split along the first axis into chunks of at most ``batch_size`` (views); with
+    ``channels_last``, 4-D chunks are copied into channels-last layout."""
+    batches = list(torch.split(x, batch_size))
+    if channels_last:
+        batches = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b
+                   for b in batches]
+    return batches
+
+
+def forward_pass(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """A callable (for :func:`interleaved_times`) running ``model`` on each batch, no grad."""
+    def run() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    return run
+
+
 #: glibc tunables that keep freed memory for reuse (read once, at process start)
 RETAIN_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 

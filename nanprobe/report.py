@@ -707,17 +707,17 @@ def _speed_html(report: Mapping[str, Any], run_dir: Path) -> str:
              _ms(sp["plain_seconds"]), _ms(s["seconds"]), f"{s['speedup']:.2f}×",
              ratio(s.get("speedup_channels_last"))]
             for i, s in enumerate(sp["settings"])]
-    threads = f" with {sp['threads']} threads" if sp["threads"] else ""
+    how = f" with {sp['threads']} threads" if sp["threads"] else ""
     if sp.get("batch_size"):  # the plain model's time per item depends on it (page faults)
-        threads = f", {sp['batch_size']} per forward call{threads}"
+        how = f", {sp['batch_size']} per forward call{how}"
     if sp.get("allocator"):
-        threads += f"; {sp['allocator']}"
+        how += f"; {sp['allocator']}"
     plain_cl = ("" if cl is None else
                 _cat(" The plain model converted to channels-last layout (the layout the NaN "
                      "convolutions compute in) took ", _ms(cl), "; the last column compares "
                      "with it, i.e. what the skipping alone gains."))
     return "\n".join([
-        _p(_cat(f"Wall-clock of one forward pass over the calibration inputs{threads}: medians "
+        _p(_cat(f"Wall-clock of one forward pass over the calibration inputs{how}: medians "
                 "of interleaved repetitions (speed-up = plain / nanified).", plain_cl)),
         _table(["#", "nan_threshold", "fill", "plain", "nanified", "speed-up",
                 "vs plain channels-last"], rows,

@@ -23,8 +23,10 @@ from nanprobe.calibrate import (
 from nanprobe.evaluate import (
     RETAIN_FREED_MEMORY_ENV,
     classification_scores,
+    forward_pass,
     labels_from_logits,
     mean_foreground_dice,
+    split_batches,
 )
 from nanprobe.evaluate import dice_per_class as dice
 from nanprobe.inputs import PreparedInput
@@ -150,6 +152,21 @@ def test_loss_against_labels_and_no_recommendation(tmp_path):
                                       - s["vs_labels"]["mean_dice"])
     assert s["loss"] > 0 and cal["recommended"] is None and cal["thresholds_file"] is None
     assert not (tmp_path / THRESHOLDS_FILE).exists()  # the stale recommendation is gone
+
+
+def test_timing_batches_cover_the_input_in_order():
+    x = torch.randn(5, 3, 4, 4)
+    parts = split_batches(x, 2)
+    assert [len(b) for b in parts] == [2, 2, 1] and torch.equal(torch.cat(parts), x)
+    assert parts[0].data_ptr() == x.data_ptr()  # views, no copies
+    cl = split_batches(x, 2, channels_last=True)
+    assert all(b.is_contiguous(memory_format=torch.channels_last) for b in cl)
+    assert torch.equal(torch.cat(cl), x)
+    flat = torch.randn(5, 7)  # not an image batch: left as it is
+    assert split_batches(flat, 4, channels_last=True)[0].data_ptr() == flat.data_ptr()
+    seen = []
+    forward_pass(lambda b: seen.append((len(b), torch.is_grad_enabled())), parts)()
+    assert seen == [(2, False), (2, False), (1, False)]
 
 
 def test_recommend_ties_and_none():
