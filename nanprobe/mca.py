@@ -67,7 +67,7 @@ to replay. Version 0.4.0 reads the words differently from 0.3.0 (``MCAMode._draw
 drew differently from earlier versions: the same seed gives other, equally valid samples.
 
 **Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
-results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe.ops._kernels`,
+results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe._mca_kernels`,
 bit-identical to the torch ops used elsewhere; PReLU and inference batch norm are even computed
 in that pass), otherwise about ten elementwise passes run block by block in cache. On 2 CPU
 threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes
@@ -91,6 +91,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _mca_kernels
 from .ops import _kernels
 from .ops._scratch import scratch
 
@@ -291,7 +292,7 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
         return None
     xp = scratch("mca_conv_input", (c, n, hp, wp), _F64)
     if _kernels.enabled(x):  # upcast, pad and transpose in one pass
-        _kernels.pad_transpose_f64(x, (ph, pw), xp)
+        _mca_kernels.pad_transpose_f64(x, (ph, pw), xp)
     else:
         if ph or pw:  # zero only the border
             xp[:, :, :ph].zero_()
@@ -375,7 +376,7 @@ class MCAMode(TorchDispatchMode):
             return out
         draws = self._draws(out)
         if dtype == torch.float32 and y.dim() <= 4 and _kernels.enabled(y):  # one fused pass
-            _kernels.random_round_f32(y, out, draws, self.mode, self.precision)
+            _mca_kernels.random_round_f32(y, out, draws, self.mode, self.precision)
             return out
         draws = self._expand(out, draws)
         size = min(out.numel(), _BLOCK)
@@ -398,8 +399,8 @@ class MCAMode(TorchDispatchMode):
                   .random_(-(2**63), None, generator=self._gen(device)))
         count = -(-out.numel() // _PER_WORD[self.mode])
         if device.type == "cpu" and _kernels.enabled():
-            return _kernels.splitmix_words(key, count)
-        return _kernels.splitmix_words_torch(key, count, device)
+            return _mca_kernels.splitmix_words(key, count)
+        return _mca_kernels.splitmix_words_torch(key, count, device)
 
     def _expand(self, out: Tensor, draws: Tensor) -> Tensor:
         """Torch path: the draw of each element of ``out``, shaped like it: ``rr`` bits as 0.0 /
@@ -431,7 +432,7 @@ class MCAMode(TorchDispatchMode):
         except RuntimeError:
             return None  # aten raises its own error
         out = torch.empty_like(x)
-        _kernels.prelu_round_f32(x, w, out, self._draws(out), self.mode, self.precision)
+        _mca_kernels.prelu_round_f32(x, w, out, self._draws(out), self.mode, self.precision)
         return out
 
     def _inference_batch_norm(self, args: tuple, kwargs: dict,
@@ -460,7 +461,7 @@ class MCAMode(TorchDispatchMode):
         mean64, scale, shift = (t.view(shape) for t in (mean.to(_F64), scale, shift))
         if dtype == torch.float32 and x.dim() <= 4 and _kernels.enabled(x):
             out = torch.empty_like(x)
-            _kernels.batch_norm_round_f32(x, mean64, scale, shift, out, self._draws(out),
+            _mca_kernels.batch_norm_round_f32(x, mean64, scale, shift, out, self._draws(out),
                                           self.mode, self.precision)
         else:
             out = self._round((x.to(_F64) - mean64) * scale + shift, dtype)

@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nanprobe import mca
+from nanprobe import _mca_kernels, mca
 from nanprobe.mca import _BLOCK, MODES, MCAMode, _blocks, _conv64, mca_mode
 from nanprobe.models.fastsurfer import FastSurferVINN
 from nanprobe.models.mnist import MnistCNN
-from nanprobe.ops import _kernels
 
 INF = float("inf")
 
@@ -71,12 +70,12 @@ def test_fused_rounding_is_bit_identical_to_the_torch_path(mode: str, monkeypatc
 def test_random_words_are_splitmix64_on_both_paths() -> None:
     """The rounding draws: SplitMix64 words, the numba kernel and the torch ops bit-identical
     (the first output of seed 0 is SplitMix64's published 0xE220A8397B1DCDAF)."""
-    assert _kernels.splitmix_words(0, 1).item() == 0xE220A8397B1DCDAF - 2**64
+    assert _mca_kernels.splitmix_words(0, 1).item() == 0xE220A8397B1DCDAF - 2**64
     for key in (0, 1, -(2**63), 2**63 - 1, 123456789):
         for count in (1, 4097, 10_000):
-            fast = _kernels.splitmix_words(key, count)
-            assert torch.equal(fast, _kernels.splitmix_words_torch(key, count, "cpu"))
-    bits = _kernels.splitmix_words(7, 4096).view(torch.uint8)
+            fast = _mca_kernels.splitmix_words(key, count)
+            assert torch.equal(fast, _mca_kernels.splitmix_words_torch(key, count, "cpu"))
+    bits = _mca_kernels.splitmix_words(7, 4096).view(torch.uint8)
     ones = sum(int((bits >> k & 1).sum()) for k in range(8)) / (bits.numel() * 8)
     assert abs(ones - 0.5) < 0.01  # fair bits
 
