@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .calibrate import CALIBRATION_FILE, DEFAULT_THRESHOLDS, calibrate
-from .ops.conv import FILLS
+from .ops.conv import FILLS, Fill
 from .run import Run, RunSpec, mca_run
 
 #: the steps in order, each with the file it writes in the run directory
@@ -38,7 +38,7 @@ class AnalyzeOptions:
     jobs: int = 1
     max_gb: float = 4.0
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
-    fills: Sequence[str] = FILLS
+    fills: Sequence[Fill] = FILLS
     tolerance: float | None = None
     against: str = "auto"
     repeats: int = 3

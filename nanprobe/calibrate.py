@@ -47,7 +47,7 @@ from .inputs import PreparedInput, prepare_input
 from .jsonio import json_safe, write_json
 from .models.registry import LoadedModel, load
 from .ops import NanConv2d, nanify, skip_stats
-from .ops.conv import FILLS
+from .ops.conv import FILLS, Fill, check_fill
 
 CALIBRATION_FILE = "calibration.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -196,15 +196,17 @@ def recommend(settings: Sequence[Mapping[str, Any]], tolerance: float) -> int | 
                                   settings[i]["nan_threshold"], -i))
 
 
-def _check_sweep(thresholds: Sequence[float], fills: Sequence[str], tolerance: float | None,
+def _check_sweep(thresholds: Sequence[float], fills: Sequence[Fill], tolerance: float | None,
                  repeats: int, batch_size: int) -> None:
     if not thresholds:
         raise ValueError("give at least one nan_threshold to sweep")
     bad = [t for t in thresholds if not 0.0 <= t <= 1.0]
     if bad:
         raise ValueError(f"nan_threshold values must be in [0, 1], got {bad}")
-    if not fills or set(fills) - set(FILLS):
-        raise ValueError(f"fills must be among {', '.join(FILLS)}, got {list(fills)}")
+    if not fills:
+        raise ValueError(f"give at least one fill to sweep ({', '.join(FILLS)} or a number)")
+    for fill in fills:
+        check_fill(fill)
     if tolerance is not None and not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
     if repeats < 1 or batch_size < 1:
@@ -221,7 +223,7 @@ def calibrate(
     checkpoint: str | Path | None = None,
     trust: bool = False,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    fills: Sequence[str] = FILLS,
+    fills: Sequence[Fill] = FILLS,
     pooling: str | Path | Mapping[str, Any] | None = None,
     tolerance: float | None = None,
     against: str = "auto",

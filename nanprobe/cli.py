@@ -74,8 +74,9 @@ ThresholdsOpt = Annotated[list[float] | None, typer.Option(
     "--threshold", min=0.0, max=1.0, help="nan_threshold values to sweep (repeatable; default 1, "
     "0.9, 0.85, 0.75, 0.65, 0.5).")]
 FillsOpt = Annotated[list[str] | None, typer.Option(
-    "--fill", help="Fills to sweep: mean (approach A) and/or noisy_max (B) (repeatable; default "
-    "both).")]
+    "--fill", help="Fills to sweep (repeatable; default mean, noisy_max and zero): mean (the "
+    "window's mean, the paper's approach A), noisy_max (draws around the window's max, approach "
+    "B), zero, or a number (that constant).")]
 ToleranceOpt = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Allowed loss of mean foreground Dice (segmentation, default 0.001) "
     "or accuracy (classification, default 0.005).")]
@@ -336,6 +337,7 @@ def calibrate(
 
     from .calibrate import DEFAULT_THRESHOLDS, FILLS, summary_lines
     from .calibrate import calibrate as run_calibration
+    from .ops.conv import parse_fill
 
     if pooling is None and (out / "audit.json").is_file():
         pooling = out / "audit.json"
@@ -345,8 +347,8 @@ def calibrate(
         result = run_calibration(
             model, input, out, slices=slices, view=view, checkpoint=checkpoint, trust=trust,
             thresholds=tuple(thresholds) if thresholds else DEFAULT_THRESHOLDS,
-            fills=tuple(fills) if fills else FILLS, pooling=pooling, tolerance=tolerance,
-            against=against, repeats=repeats, batch_size=batch_size, seed=seed,
+            fills=tuple(map(parse_fill, fills)) if fills else FILLS, pooling=pooling,
+            tolerance=tolerance, against=against, repeats=repeats, batch_size=batch_size, seed=seed,
             on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     for line in summary_lines(result):
         typer.echo(line)
@@ -412,14 +414,15 @@ def analyze(
     from .analyze import AnalyzeOptions
     from .analyze import analyze as run_analysis
     from .calibrate import DEFAULT_THRESHOLDS, FILLS, recommendation_line
+    from .ops.conv import parse_fill
 
     opts = AnalyzeOptions(
         model=model, input=input, samples=samples, slices=slices,
         calibration_slices=calibration_slices, view=view,
         checkpoint=str(checkpoint) if checkpoint else None, trust=trust, seed=seed, jobs=jobs,
         max_gb=max_gb, thresholds=tuple(thresholds) if thresholds else DEFAULT_THRESHOLDS,
-        fills=tuple(fills) if fills else FILLS, tolerance=tolerance, against=against,
-        repeats=repeats)
+        fills=tuple(map(parse_fill, fills)) if fills else FILLS, tolerance=tolerance,
+        against=against, repeats=repeats)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
                   console=err_console) as bar:

@@ -17,8 +17,8 @@ from matplotlib.ticker import MaxNLocator
 
 from .plots import _save_png
 
-FILL_MARKERS = {"mean": "o", "noisy_max": "s"}
-OTHER_MARKERS = ("^", "D", "v", "P")
+FILL_MARKERS = {"mean": "o", "noisy_max": "s", "zero": "^"}
+OTHER_MARKERS = ("D", "v", "P", "X")
 DPI = 100
 
 

@@ -205,7 +205,7 @@ def test_mnist_classification_sweep_reports_accuracy(tmp_path):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"thresholds": ()}, "at least one"),
     ({"thresholds": (1.5,)}, r"\[0, 1\]"),
-    ({"fills": ("zero",)}, "fills must be"),
+    ({"fills": ("median",)}, "fill must be"),
     ({"tolerance": 1.0}, "tolerance"),
     ({"against": "labels"}, "needs ground-truth labels"),
     ({"against": "both"}, "against must be"),

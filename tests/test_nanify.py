@@ -134,7 +134,7 @@ def test_functional_and_grouped_calls_reported_by_name():
     (dict(config={"defaults": {"thresh": 1}}), "unknown options"),
     (dict(config={"bogus": {}}), "unknown keys"),
     (dict(nan_threshold=2.0), "nan_threshold"),
-    (dict(fill="zero"), "fill"),
+    (dict(fill="median"), "fill"),
     (dict(tie_limit=0), "tie_limit"),
 ])
 def test_nanify_bad_options(kwargs, match):

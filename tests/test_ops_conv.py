@@ -59,7 +59,8 @@ def test_reference_matches_loop_oracle(case):
 
 
 @settings(max_examples=120, deadline=None)
-@given(conv_cases(), st.sampled_from(["mean", "noisy_max"]), st.sampled_from(["fast", "auto"]),
+@given(conv_cases(), st.sampled_from(["mean", "noisy_max", "zero", -0.75]),
+       st.sampled_from(["fast", "auto"]),
        st.booleans())
 def test_fast_matches_reference(kernels, case, fill, impl, channels_last):
     x, weight, bias, s, p, d, threshold, count_padding = case
@@ -131,6 +132,9 @@ def test_threshold_edges_and_all_nan(kernels):
     window = x[0, :, :3, :3]
     filled = window.nan_to_num(nan=window.nanmean().item())
     torch.testing.assert_close(y[0, :, 0, 0], (w * filled).sum((1, 2, 3)))
+    for fill, value in (("zero", 0.0), (-0.42, -0.42)):
+        y = nan_conv2d(x, w, nan_threshold=1.0, fill=fill)
+        torch.testing.assert_close(y[0, :, 0, 0], (w * window.nan_to_num(nan=value)).sum((1, 2, 3)))
 
 
 def test_count_padding_reactivates_border_of_nan_background(kernels):
@@ -167,6 +171,8 @@ def test_3d_input_and_float64(kernels):
     (dict(nan_threshold=1.5), "nan_threshold"),
     (dict(nan_threshold=-0.1), "nan_threshold"),
     (dict(fill="median"), "fill"),
+    (dict(fill=float("nan")), "fill"),
+    (dict(fill=True), "fill"),
     (dict(impl="cuda"), "impl"),
     (dict(sigma=-1.0), "sigma"),
     (dict(stride=0), "stride"),

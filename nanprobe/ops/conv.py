@@ -19,6 +19,7 @@ convolution over the whole map (the same code with one band).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,8 @@ from . import _kernels
 from ._args import IntPair, check_choice, check_fraction, check_input, check_nonnegative, pair
 from ._scratch import scratch
 
-FILLS = ("mean", "noisy_max")
+#: named fills; a finite number is a fill too (a constant; "zero" is the constant 0)
+FILLS = ("mean", "noisy_max", "zero")
 IMPLS = ("auto", "reference", "fast")
 
 #: output rows per band of the fast path
@@ -48,6 +50,36 @@ GATHER_CHUNK = 1 << 22
 
 
 Rect = tuple[int, int, int, int, int]  # (item, r0, r1, c0, c1), inclusive output positions
+Fill = str | float
+
+
+def check_fill(fill: Fill) -> Fill:
+    """``fill`` if it is one of :data:`FILLS` or a finite number (returned as float), else a
+    ValueError naming the accepted values."""
+    if isinstance(fill, int | float) and not isinstance(fill, bool):
+        if math.isfinite(fill):
+            return float(fill)
+        raise ValueError(f"a constant fill must be a finite number, got {fill!r}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(map(repr, FILLS))} or a finite "
+                         f"number (a constant), got {fill!r}")
+    return fill
+
+
+def parse_fill(text: str) -> Fill:
+    """A fill given as text (command line): a name of :data:`FILLS` or a number, checked."""
+    try:
+        return check_fill(text if text in FILLS else float(text))
+    except ValueError:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)} or a number, got {text!r}"
+                         ) from None
+
+
+def fill_constant(fill: Fill) -> float | None:
+    """The value a constant fill writes (0 for ``"zero"``), None for ``mean``/``noisy_max``."""
+    if fill == "zero":
+        return 0.0
+    return None if isinstance(fill, str) else float(fill)
 
 
 @dataclass(frozen=True)
@@ -247,12 +279,15 @@ def _dense(
 def _fill_columns(
     cols: torch.Tensor,
     data: torch.Tensor,
-    fill: str,
+    fill: Fill,
     sigma: float,
     noise: torch.Tensor | None,
 ) -> torch.Tensor:
     """Replace the NaN entries of window columns (P, K) by the fill; ``data`` marks real entries."""
     nan = torch.isnan(cols)
+    constant = fill_constant(fill)
+    if constant is not None:
+        return cols.masked_fill(nan, constant)
     if fill == "mean":
         total = torch.where(data, cols, 0).sum(1, keepdim=True)
         value = total / data.sum(1, keepdim=True).clamp_min(1)
@@ -263,7 +298,7 @@ def _fill_columns(
 
 
 def _noise(
-    count: int, k: int, like: torch.Tensor, fill: str, generator: torch.Generator | None
+    count: int, k: int, like: torch.Tensor, fill: Fill, generator: torch.Generator | None
 ) -> torch.Tensor | None:
     """One N(0, 1) draw per window entry of each partially-NaN position, in row-major order."""
     if fill != "noisy_max" or count == 0:
@@ -277,7 +312,7 @@ def _reference(
     bias: torch.Tensor | None,
     g: _Geometry,
     nan_threshold: float,
-    fill: str,
+    fill: Fill,
     sigma: float,
     generator: torch.Generator | None,
     count_padding: bool,
@@ -400,7 +435,7 @@ def _fast(
     bias: torch.Tensor | None,
     g: _Geometry,
     layout: _NanLayout,
-    fill: str,
+    fill: Fill,
     sigma: float,
     generator: torch.Generator | None,
     count_padding: bool,
@@ -408,8 +443,11 @@ def _fast(
 ) -> tuple[torch.Tensor, int]:
     """Banded dense conv + exact handling of partial windows. ``banded=None``: decide.
 
-    Returns the output and the number of positions computed. NaN at the skipped positions: on
-    CPU the finishing kernel writes them (with the mean fill's term) in one pass; the torch path
+    Returns the output and the number of positions computed. The convolution of the input with
+    NaN -> 0 is already the zero fill; the mean and constant fills add value * (sum of the
+    weights at the window's NaN entries) by linearity, ``noisy_max`` recomputes the partial
+    windows. NaN at the skipped positions: on
+    CPU the finishing kernel writes them (with the linear fill's term) in one pass; the torch path
     masks each band while its output is small and fills the area outside the bands by slices,
     so no pass over the whole output is spent on skips.
     """
@@ -453,15 +491,20 @@ def _fast(
                     band.masked_fill_(skip[i, None, r0 : r1 + 1, c0 : c1 + 1], float("nan"))
                 y[i, :, r0 : r1 + 1, c0 : c1 + 1] = band
 
+    constant = fill_constant(fill)
+    linear = fill == "mean" or constant is not None
+    add = fill == "mean" or bool(constant)  # the zero fill adds nothing
     if fused:
+        if constant:
+            layout.mean.fill_(constant)
         _kernels.finish_conv(y, x, layout.per_pixel, weight, skip, layout.partial, layout.mean,
-                             g.k, g.s, g.p, g.d, add_mean=fill == "mean")
-    if fused and fill == "mean":
+                             g.k, g.s, g.p, g.d, add_mean=add)
+    if (fused and linear) or (linear and not add):
         return y, band_area
     where = layout.partial.nonzero(as_tuple=True)  # row-major, as in the reference
     if where[0].numel():
-        if fill == "mean":
-            _add_mean_fill(x, weight, g, y, where, layout)
+        if linear:
+            _add_mean_fill(x, weight, g, y, where, layout, constant)
         elif fused:
             noise = _noise(len(where[0]), weight[0].numel(), x, fill, generator)
             _kernels.noisy_max_partial(y, x, weight, bias, where, noise, sigma, g.k, g.s, g.p,
@@ -494,23 +537,28 @@ def _add_mean_fill(
     y: torch.Tensor,
     where: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     layout: _NanLayout,
+    constant: float | None = None,
 ) -> None:
-    """Torch path: add the mean fill's contribution at partial positions, by linearity.
+    """Torch path: add the mean (or ``constant``) fill's contribution at partial positions, by
+    linearity.
 
     ``y`` already holds conv(x with NaN -> 0) + bias there, so only mu * (sum of the weights at
-    the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count.
-    The window sums come from the gathered windows (P, kH*kW, C_in). NaNs
+    the window's NaN entries) is missing, mu = (sum of the window's numbers) / their count, or
+    the constant. The window sums come from the gathered windows (P, kH*kW, C_in). NaNs
     spanning whole pixels: the NaN taps are per-pixel flags too. Channel-wise NaN: gather the
     windows' NaN flags (P, kH*kW, C_in) when they are few, else a NaN-mask convolution over the
     channels that hold NaN.
     """
     pn, pr, pc = where
     cout = weight.shape[0]
-    entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
-    count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
     rows, cols, inside = _taps(g, where, x.shape[-2:])
-    tap_total = torch.nansum(x[pn[:, None], :, rows, cols], 2)  # (P, T) sums of numbers
-    mean = (tap_total * inside).sum(1) / count
+    if constant is None:
+        entries = layout.entries.expand_as(layout.nan_count)[pn, pr, pc]
+        count = (entries - layout.nan_count[pn, pr, pc]).clamp_min(1).to(x.dtype)
+        tap_total = torch.nansum(x[pn[:, None], :, rows, cols], 2)  # (P, T) sums of numbers
+        mean = (tap_total * inside).sum(1) / count
+    else:
+        mean = torch.full(pn.shape, constant, dtype=x.dtype, device=x.device)
     if layout.pixel_uniform:
         nan_taps = (layout.per_pixel[pn[:, None], rows, cols] > 0) & inside  # (P, T)
         tap_weight = weight.sum(1).reshape(cout, -1).T  # (T, C_out)
@@ -580,7 +628,7 @@ def nan_conv2d_with_stats(
     dilation: IntPair = 1,
     *,
     nan_threshold: float = 1.0,
-    fill: str = "mean",
+    fill: Fill = "mean",
     sigma: float = 1e-3,
     generator: torch.Generator | None = None,
     count_padding: bool = False,
@@ -590,7 +638,7 @@ def nan_conv2d_with_stats(
     """:func:`nan_conv2d` that also returns what it skipped (used by :class:`NanConv2d`)."""
     x4, squeeze, g = _check_conv_args(x, weight, bias, stride, padding, dilation, groups)
     nan_threshold = check_fraction(nan_threshold, "nan_threshold")
-    check_choice(fill, "fill", FILLS)
+    fill = check_fill(fill)
     check_choice(impl, "impl", IMPLS)
     sigma = check_nonnegative(sigma, "sigma")
     n, c = x4.shape[:2]
@@ -624,7 +672,7 @@ def nan_conv2d(
     dilation: IntPair = 1,
     *,
     nan_threshold: float = 1.0,
-    fill: str = "mean",
+    fill: Fill = "mean",
     sigma: float = 1e-3,
     generator: torch.Generator | None = None,
     count_padding: bool = False,
@@ -640,7 +688,8 @@ def nan_conv2d(
     output channel. Otherwise the window's NaNs are replaced by the fill and the usual dot product
     plus bias is taken: ``fill="mean"``: the mean of the window's non-NaN entries;
     ``fill="noisy_max"``: independent draws from N(max of the non-NaN entries, ``sigma``)
-    (reproducible with ``generator``). Without NaN it equals ``F.conv2d``.
+    (reproducible with ``generator``); ``fill="zero"``: 0 (ReLU's value where it cuts); a
+    finite number: that constant. Without NaN it equals ``F.conv2d``.
 
     ``impl``: ``"reference"`` (im2col, slow, obviously correct), ``"fast"`` (banded dense conv
     over the active region) or ``"auto"`` (banded only when it saves work). ``groups`` must be 1.

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._args import IntPair, check_choice, check_fraction, check_nonnegative, check_tie_limit
-from .conv import FILLS, IMPLS, nan_conv2d_with_stats
+from .conv import IMPLS, Fill, check_fill, nan_conv2d_with_stats
 from .pool import nan_max_pool2d, nan_max_unpool2d
 
 
@@ -124,7 +124,7 @@ class NanConv2d(nn.Conv2d, SkipCounter):
         dtype=None,
         *,
         nan_threshold: float = 1.0,
-        fill: str = "mean",
+        fill: Fill = "mean",
         sigma: float = 1e-3,
         count_padding: bool = False,
         impl: str = "auto",
@@ -134,7 +134,7 @@ class NanConv2d(nn.Conv2d, SkipCounter):
             raise ValueError("NanConv2d supports groups=1, padding_mode='zeros' and numeric "
                              f"padding only, got groups={groups!r}, padding_mode={padding_mode!r}, "
                              f"padding={padding!r}")
-        check_choice(fill, "fill", FILLS)
+        fill = check_fill(fill)
         check_choice(impl, "impl", IMPLS)
         check_fraction(nan_threshold, "nan_threshold")
         check_nonnegative(sigma, "sigma")
