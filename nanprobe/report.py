@@ -850,11 +850,16 @@ def _audit_html(report: Mapping[str, Any], run_dir: Path) -> str:
                          "flag precision", "flag recall", "flag F1"], rows))
     best = a["best"]
     if best is not None:
-        parts.append(_p("Calibrated pooling: ", _code(
+        parts.append(_p("Best-scoring tie setting: ", _code(
             f"tie_limit={best['tie_limit']}, tie_eps={best['tie_eps']:g}, "
             f"tie_rtol={best['tie_rtol']:g}"),
             f" — precision {_num(best['precision'], 3)}, recall {_num(best['recall'], 3)}, "
             f"F1 {_num(best['f1'], 3)} over all pooling layers ({a['selection']})."))
+    if a["calibrated_pooling"] is not None:
+        parts.append(_p("Pooling setting passed on to the calibration: ",
+                        _code(_options(a["calibrated_pooling"])),
+                        " (tie_limit=None: no NaN pooling)."
+                        if a["calibrated_pooling"].get("tie_limit") is None else "."))
     else:
         parts.append(_p("No pooling setting was calibrated.", cls="missing"))
     parts += [_img(run_dir, rel, _audit_caption(rel)) for rel in a["figures"]]
