@@ -356,7 +356,8 @@ def calibrate(
         plain_seconds += t_plain
         ratio = ratio_spread(t_plain, t_nan)
         setting.update(seconds=statistics.median(t_nan), seconds_plain=statistics.median(t_plain),
-                       speedup=ratio["median"], speedup_range=ratio["range"])
+                       speedup=ratio["median"], speedup_range=ratio["range"],
+                       speedup_channels_last=None, speedup_channels_last_range=None)
         if on_progress:
             on_progress(len(grid) + done + 1, total)
     best = recommend(settings, tolerance, objective)

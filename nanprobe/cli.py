@@ -269,7 +269,7 @@ def mca_run_cmd(
         help="Replace a run with a different spec in --out.")] = False,
     executor: Annotated[str, typer.Option(
         help="Where samples run: local (processes on this machine, see --jobs) or dask (one "
-        "Dask task per sample; needs `pip install nanprobe[dask]`).")] = "local",
+        "Dask task per sample; needs `pip install nanprobe\\[dask]`).")] = "local",
     scheduler: Annotated[str | None, typer.Option(
         help="--executor dask: address of a running Dask scheduler, tcp://HOST:PORT.")] = None,
     cluster: Annotated[str | None, typer.Option(

@@ -23,8 +23,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,64 @@ def recorded_digest(path: str | Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return str(value) if value else None
+
+
+# ---------------------------------------------------------------------------------------------
+# signals
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where cleanup can run (see :func:`interruptible`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_uninterrupted = 0  # depth of uninterrupted() sections (main thread)
+_pending: int | None = None  # a signal that arrived inside one
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Within the block (main thread only), SIGINT and SIGTERM raise :class:`Interrupted`, so
+    that cleanup runs instead of the process dying mid-write, except inside
+    :func:`uninterrupted` sections, where the signal waits for the section's end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        global _pending
+        if _uninterrupted:
+            _pending = signum
+        else:
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A section no signal may interrupt (calls into HDF5, which cannot survive an exception
+    raised in its file callbacks); a signal that arrives meanwhile is raised at its end."""
+    global _uninterrupted, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _uninterrupted += 1
+    try:
+        yield
+    finally:
+        _uninterrupted -= 1
+        if not _uninterrupted and _pending is not None:
+            signum, _pending = _pending, None
+            raise Interrupted(signum)
 
 
 # ---------------------------------------------------------------------------------------------

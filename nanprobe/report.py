@@ -914,8 +914,8 @@ def _sweep_html(report: Mapping[str, Any], run_dir: Path) -> str:
     if sw["class_names"]:
         parts.append(_p("Classes: ", ", ".join(map(str, sw["class_names"])), "."))
     if "sweep" in report["figures"]:
-        parts.append(_img(run_dir, report["figures"]["sweep"],
-                          "Skipped MACs vs agreement loss per setting"))
+        parts.append(_p("The sweep's figure (work skipped against agreement lost) is in the ",
+                        Html('<a href="#summary">summary</a>'), "."))
     return "\n".join(parts)
 
 

@@ -18,8 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -37,9 +36,11 @@ from .capture import capture, select_layers
 from .inputs import PreparedInput
 from .integrity import (
     QUARANTINE_DIR,
+    Interrupted,
     RunLock,
     WriteFailed,
     check_no_writer,
+    interruptible,
     quarantine,
     recorded_digest,
     run_digest,
@@ -179,32 +180,6 @@ class RunInterrupted(KeyboardInterrupt):
         self.signum, self.exit_code = signum, 128 + signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}: {done} of {total} "
                          "files complete; rerun the same command to resume")
-
-
-class _Signal(KeyboardInterrupt):
-    """SIGTERM turned into an exception, so that cleanup runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Within the block (main thread only), SIGTERM raises :class:`_Signal` like Ctrl-C
-    raises KeyboardInterrupt, instead of killing the process before it can clean up."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        raise _Signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _verrou_executor(spec: RunSpec, run_dir: Path, valgrind: str | None, timeout: float | None,
@@ -372,7 +347,7 @@ def mca_run(
                          f"{plan.bytes_per_file / 1e6:.0f} MB; largest per file (uncompressed): "
                          f"{top}; select fewer --layers or --slices")
     _check_writable(run_dir)
-    with RunLock(run_dir), _signals_raise():
+    with RunLock(run_dir), interruptible():
         return _run_locked(spec, run_dir, plan, jobs=jobs, overwrite=overwrite,
                            valgrind=valgrind, timeout=timeout, on_progress=on_progress,
                            on_notice=on_notice, executor=executor)
@@ -456,10 +431,10 @@ def _run_locked(spec: RunSpec, run_dir: Path, plan: RunPlan, *, jobs: int, overw
                 raise error  # every other sample would mix in the same way
             else:
                 failures.append(SampleFailure(job["sample"], " ".join(str(error).split())))
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM via _signals_raise
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (interruptible)
         _close(results)
         _remove_temporaries(run_dir)
-        signum = err.signum if isinstance(err, _Signal) else signal.SIGINT
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
         raise RunInterrupted(signum, done, files) from None
     except BaseException:
         _close(results)

@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .capture import capture, select_layers
 from .inputs import PreparedInput, prepare_input
-from .integrity import GuardedFile, WriteFailed, write_failed
+from .integrity import GuardedFile, WriteFailed, uninterrupted, write_failed
 from .models.registry import LoadedModel, load
 
 JOB_FORMAT = "nanprobe-job/1"
@@ -151,19 +151,31 @@ def _write_capture(job: dict, path: Path) -> None:
         if sink.error is not None:
             raise write_failed(sink.error, Path(job["out"]))
 
-    try:
-        with h5py.File(sink, "w") as h5:
+    with contextlib.ExitStack() as stack:
+        stack.callback(sink.close)
+        with uninterrupted():
+            h5 = stack.enter_context(_closing_uninterrupted(h5py.File(sink, "w")))
             h5.attrs.update(_attrs(loaded, prepared, job))
-            capture(loaded.model, prepared.tensor, h5, names,
-                    batch_size=job["spec"].get("batch_size", 4),
-                    context=_perturbation(job["spec"], job["sample"], job["seed"]),
-                    on_batch=check)
+        capture(loaded.model, prepared.tensor, h5, names,
+                batch_size=job["spec"].get("batch_size", 4),
+                context=_perturbation(job["spec"], job["sample"], job["seed"]),
+                on_batch=check)
+        with uninterrupted():
             h5.attrs["finished"] = datetime.now(timezone.utc).isoformat()
             h5.attrs["seconds"] = time.perf_counter() - t0
-        sink.sync()
-    finally:
-        sink.close()
+            h5.close()
+            sink.sync()
     check()
+
+
+@contextlib.contextmanager
+def _closing_uninterrupted(h5: h5py.File):
+    """``h5``, closed on the way out (errors included) where no signal can interrupt HDF5."""
+    try:
+        yield h5
+    finally:
+        with uninterrupted():
+            h5.close()
 
 
 def write_atomic(out: str | Path, fill: Callable[[Path], object]) -> str:
