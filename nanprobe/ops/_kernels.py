@@ -6,7 +6,10 @@ else (CUDA, half precision) takes the device-agnostic torch path, which has the 
 Like the NaN ops themselves, they compute no gradients. ``NANPROBE_KERNELS=torch`` forces the
 torch path (the tests run both; Verrou workers use it, so nothing is compiled under Valgrind).
 
-Kernels are compiled on first use (a few seconds) and cached on disk by numba.
+Kernels are compiled on first use (a few seconds) and cached on disk by numba. The NaN ops'
+kernels are serial and release the GIL: the only thread pool they meet is torch's (numba's
+OpenMP backend is a second OpenMP runtime whose idle threads spin against torch's; see
+docs/performance.md). :func:`_run` runs the MCA backend's parallel kernels on numba's pool.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ import torch
 #: environment variable choosing the CPU kernels: "numba" (default) or "torch"
 ENV = "NANPROBE_KERNELS"
 
-_lock = threading.Lock()  # numba's default thread pool must not be entered from two threads
+_lock = threading.Lock()  # numba's thread pool (MCA kernels) must not be entered from two threads
 _jit = None
 
 #: channels per thread task of the channels-last unpooling kernel
 UNPOOL_CHANNEL_BLOCK = 8
-
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
@@ -54,6 +56,7 @@ def _compiled():
 
 
 def _run(kernel, *args):
+    """Call a parallel numba kernel (the MCA backend's) on numba's pool, torch's threads."""
     import numba
 
     with _lock:
@@ -81,6 +84,15 @@ def channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def act_args(act, channels: int, dtype: torch.dtype) -> tuple[int, np.ndarray]:
+    """``(kind, slopes)`` of an activation for the kernels: kind 0 none, 1 ReLU, 2 slope-based
+    (PReLU / LeakyReLU), slopes (channels,) of ``dtype``."""
+    scalar = _scalar(dtype)
+    if act is None:
+        return 0, np.zeros(channels, scalar)
+    return act.kind, act.slopes(channels, dtype).numpy()
+
+
 def max_pool(
     x: torch.Tensor,
     k: tuple[int, int],
@@ -104,9 +116,9 @@ def max_pool(
     indices = torch.empty(n, c, *out_hw, dtype=torch.int64, memory_format=fmt)
     args = (*k, *s, *p, tie_limit is not None, tie_limit or 0, scalar(tie_eps), scalar(tie_rtol))
     if cl:
-        _run(jit.max_pool_nhwc, _nhwc(x), *args, _nhwc(values), _nhwc(indices))
+        jit.max_pool_nhwc(_nhwc(x), *args, _nhwc(values), _nhwc(indices))
     else:
-        _run(jit.max_pool_nchw, _nchw(x), *args, values.numpy(), indices.numpy())
+        jit.max_pool_nchw(_nchw(x), *args, values.numpy(), indices.numpy())
     return values, indices
 
 
@@ -117,43 +129,63 @@ def max_unpool(
     s: tuple[int, int],
     p: tuple[int, int],
     hw: tuple[int, int],
-) -> tuple[torch.Tensor, int]:
+    partner: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, torch.Tensor | None, bool]:
     """NaN max unpooling of (N, C, Ho, Wo) ``values`` / int64 ``indices`` into (N, C, H, W), in
-    ``values``' memory format; also returns how many finite values had an out-of-range index."""
+    ``values``' memory format, then ``maximum(out, partner)`` if ``partner`` (N, C, H, W) is given.
+
+    Returns the output, how many finite values had an out-of-range index, and (with
+    ``partner``) the output's NaN entries per pixel (N, H, W) int32 and whether it is free of
+    infinities; else None and False.
+    """
     jit = _compiled()
     n, c = values.shape[:2]
+    count = torch.empty(n, *hw, dtype=torch.int32) if partner is not None else None
     if channels_last(values):
         out = torch.empty(n, c, *hw, dtype=values.dtype, memory_format=torch.channels_last)
         args = (_nhwc(values), _nhwc(indices.contiguous(memory_format=torch.channels_last)),
                 *k, *s, *p, _nhwc(out))
         if k[0] > s[0] or k[1] > s[1]:  # overlapping windows
-            return out, int(_run(jit.max_unpool_nhwc, *args, UNPOOL_CHANNEL_BLOCK))
-        strays = np.empty((n, values.shape[2]), np.int64)
-        _run(jit.max_unpool_nhwc_rows, *args, strays)
-        bad = _run(jit.max_unpool_nhwc_strays, *args, strays) if strays.any() else 0
+            bad = int(jit.max_unpool_nhwc(*args, UNPOOL_CHANNEL_BLOCK))
+        else:
+            strays = np.empty((n, values.shape[2]), np.int64)
+            fused = partner is not None
+            other = _nhwc(partner) if fused else args[-1]
+            counts = count.numpy() if fused else np.empty((1, 1, 1), np.int32)
+            infs = jit.max_unpool_nhwc_rows(*args, strays, fused, other, counts)
+            if not strays.any():
+                return out, 0, count, fused and infs == 0
+            # the maximum must follow the strays' writes: unpool again without it
+            jit.max_unpool_nhwc_rows(*args, strays, False, other, counts)
+            bad = int(jit.max_unpool_nhwc_strays(*args, strays))
     else:
         out = torch.empty(n, c, *hw, dtype=values.dtype)
-        bad = _run(jit.max_unpool_nchw, _nchw(values), _nchw(indices), *k, *s, *p, out.numpy())
-    return out, int(bad)
+        bad = int(jit.max_unpool_nchw(_nchw(values), _nchw(indices), *k, *s, *p, out.numpy()))
+    if partner is None:
+        return out, bad, None, False
+    infs = post_ops(out, None, partner, count)
+    return out, bad, count, infs == 0
 
 
-def pixel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pixel of (N, C, H, W) ``x``: NaN entries over the channels (int32) and the sum of the
-    numbers (float64), both (N, H, W), in one pass over ``x``."""
+def pixel_stats(x: torch.Tensor, act=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel of ``act(x)`` ((N, C, H, W) ``x``, ``act`` None or an activation): NaN entries
+    over the channels (int32) and the sum of the numbers (float64), both (N, H, W), in one pass
+    over ``x``."""
     jit = _compiled()
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
+    kind, slopes = act_args(act, c, x.dtype)
     count = torch.empty(n, h, w, dtype=torch.int32)
     total = torch.empty(n, h, w, dtype=torch.float64)
     if channels_last(x):
-        _run(jit.pixel_stats_nhwc, _nhwc(x), count.numpy(), total.numpy())
+        jit.pixel_stats_nhwc(_nhwc(x), kind, slopes, count.numpy(), total.numpy())
     else:
-        _run(jit.pixel_stats_nchw, _nchw(x), count.numpy(), total.numpy())
+        jit.pixel_stats_nchw(_nchw(x), kind, slopes, count.numpy(), total.numpy())
     return count, total
 
 
 def window_layout(
     count: torch.Tensor,
-    total: torch.Tensor,
+    total: torch.Tensor | None,
     k: tuple[int, int],
     s: tuple[int, int],
     p: tuple[int, int],
@@ -164,16 +196,36 @@ def window_layout(
     count_padding: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """(skip, partial, mean float64), each (N, Ho, Wo), from per-pixel maps, and the numbers
-    of skipped and of partial positions."""
+    of skipped and of partial positions. Without ``total`` the mean is left uninitialised."""
     jit = _compiled()
     shape = (count.shape[0], *out_hw)
     skip = torch.empty(shape, dtype=torch.bool)
     partial = torch.empty(shape, dtype=torch.bool)
     mean = torch.empty(shape, dtype=torch.float64)
-    skipped, partials = _run(jit.window_layout, count.numpy(), total.numpy(), *k, *s, *p, *d,
-                             channels, float(threshold), count_padding, skip.numpy(),
-                             partial.numpy(), mean.numpy())
+    totals = np.empty((1, 1, 1)) if total is None else total.numpy()
+    skipped, partials = jit.window_layout(
+        count.numpy(), totals, total is not None, *k, *s, *p, *d, channels, float(threshold),
+        count_padding, skip.numpy(), partial.numpy(), mean.numpy())
     return skip, partial, mean, int(skipped), int(partials)
+
+
+def partial_means(
+    x: torch.Tensor,
+    act,
+    count: torch.Tensor,
+    partial: torch.Tensor,
+    mean: torch.Tensor,
+    k: tuple[int, int],
+    s: tuple[int, int],
+    p: tuple[int, int],
+    d: tuple[int, int],
+    count_padding: bool,
+) -> None:
+    """Fill ``mean`` (N, Ho, Wo) float64 at the ``partial`` positions with the mean of the
+    window's numbers of ``act(x)``; ``count``: (N, H, W) NaN entries per pixel."""
+    kind, slopes = act_args(act, x.shape[1], x.dtype)
+    _compiled().partial_means(x.detach().numpy(), kind, slopes, count.numpy(), partial.numpy(),
+                              *k, *s, *p, *d, count_padding, mean.numpy())
 
 
 def band_rects(skip: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, int, int]]:
@@ -182,32 +234,77 @@ def band_rects(skip: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, 
     jit = _compiled()
     n, ho = skip.shape[:2]
     rects = np.empty((n, -(-ho // band_rows), 4), np.int64)
-    _run(jit.band_rects, skip.numpy(), band_rows, rects)
+    jit.band_rects(skip.numpy(), band_rows, rects)
     return [(i, *r) for i in range(n) for r in rects[i].tolist() if r[0] >= 0]
 
 
-def finish_conv(
+def gather(x: torch.Tensor, act, origin: np.ndarray, out: torch.Tensor) -> None:
+    """``out[g]`` = ``act(x)`` with NaN -> 0 (zero outside the map) over the input window at
+    ``origin[g]`` = (n, top, left) of out's spatial size; ``out``: (G, C, rows, cols)
+    channels-last."""
+    kind, slopes = act_args(act, x.shape[1], x.dtype)
+    if channels_last(x):
+        _compiled().gather_nhwc(_nhwc(x), kind, slopes, origin, _nhwc(out))
+    else:
+        _compiled().gather_nchw(_nchw(x), kind, slopes, origin, _nhwc(out))
+
+
+def fill_outside(y: torch.Tensor, spans: np.ndarray, nan_count: torch.Tensor) -> None:
+    """NaN in channels-last ``y`` (N, C_out, Ho, Wo) outside each row's column span ``spans``
+    (N, Ho, 2), inclusive; ``nan_count`` (N, Ho, Wo) = C_out there."""
+    _compiled().fill_outside(_nhwc(y), spans, nan_count.numpy())
+
+
+def write_bands(
     y: torch.Tensor,
-    x: torch.Tensor,
-    count: torch.Tensor,
-    weight: torch.Tensor,
+    bands: torch.Tensor,
+    rects: np.ndarray,
     skip: torch.Tensor,
     partial: torch.Tensor,
     mean: torch.Tensor,
-    k: tuple[int, int],
-    s: tuple[int, int],
-    p: tuple[int, int],
-    d: tuple[int, int],
     add_mean: bool,
-) -> None:
-    """In place on ``y`` (N, C_out, Ho, Wo) = conv(x with NaN -> 0) + bias: NaN at skipped
-    positions and, if ``add_mean``, the mean fill's term at partial ones. ``count``: (N, H, W)
-    NaN entries per pixel of ``x``."""
-    jit = _compiled()
-    wt = weight.detach().permute(2, 3, 1, 0)  # (kH, kW, C_in, C_out)
-    wt = torch.cat([wt, wt.sum(2, keepdim=True)], 2).contiguous().numpy()
-    _run(jit.finish_conv, _nhwc(y), x.detach().numpy(), count.numpy(), wt, skip.numpy(),
-         partial.numpy(), mean.numpy(), *k, *s, *p, *d, add_mean)
+    x: torch.Tensor,
+    count: torch.Tensor,
+    wt: np.ndarray,
+    g: tuple[tuple[int, int], ...],
+    pre=None,
+    post=None,
+    partner: torch.Tensor | None = None,
+    nan_count: torch.Tensor | None = None,
+) -> int:
+    """Finish the positions of the output rectangles ``rects`` (G, 5) = (n, r0, r1, c0, c1) of
+    channels-last ``y`` from the band results ``bands`` (G, C_out, rows, cols): NaN where
+    skipped, the mean fill's term at partial positions (``add_mean``), the post-activation and
+    the maximum with ``partner``. ``g``: (k, s, p, d) pairs; ``wt`` from :func:`tap_weights`.
+    Fills ``nan_count`` (N, Ho, Wo); returns the number of infinite output entries."""
+    cout = y.shape[1]
+    pre_kind, pre_slopes = act_args(pre, x.shape[1], x.dtype)
+    post_kind, post_slopes = act_args(post, cout, y.dtype)
+    yv = _nhwc(y)
+    other = _nhwc(partner) if partner is not None else yv
+    return int(_compiled().write_bands(
+        yv, _nhwc(bands), rects, skip.numpy(), partial.numpy(), mean.numpy(), add_mean,
+        x.detach().numpy(), count.numpy(), wt, *g[0], *g[1], *g[2], *g[3], pre_kind, pre_slopes,
+        post_kind, post_slopes, partner is not None, other, nan_count.numpy()))
+
+
+def tap_weights(weight: torch.Tensor) -> np.ndarray:
+    """(kH, kW, C_in + 1, C_out) view of a (C_out, C_in, kH, kW) weight for the mean fill's
+    term, the last row the sum over C_in (for pixels NaN in every channel)."""
+    wt = weight.detach().permute(2, 3, 1, 0)
+    return torch.cat([wt, wt.sum(2, keepdim=True)], 2).contiguous().numpy()
+
+
+def post_ops(y: torch.Tensor, post, partner: torch.Tensor | None,
+             nan_count: torch.Tensor) -> int:
+    """In place on (N, C, H, W) ``y``: the activation ``post`` (or None), then the maximum with
+    ``partner`` (or None); ``nan_count`` (N, H, W) int32 receives the NaN entries per pixel.
+    Returns the number of infinite entries."""
+    kind, slopes = act_args(post, y.shape[1], y.dtype)
+    yv = _nhwc(y)
+    other = _nhwc(partner) if partner is not None else yv
+    return int(_compiled().post_ops(yv, kind, slopes, partner is not None, other,
+                                    nan_count.numpy()))
 
 
 def noisy_max_partial(
@@ -232,6 +329,6 @@ def noisy_max_partial(
     wt = weight.detach().permute(2, 3, 1, 0).reshape(-1, cin, cout).contiguous().numpy()
     b = (torch.zeros(cout, dtype=x.dtype) if bias is None else bias.detach()).contiguous().numpy()
     pn, pr, pc = (t.contiguous().numpy() for t in where)
-    _run(jit.noisy_max_partial, y.numpy(), x.detach().numpy(), wt, b, pn, pr, pc,
-         noise.reshape(len(pn), cin, -1).numpy(), scalar(sigma), scalar(-np.inf), *k, *s, *p,
-         *d, count_padding)
+    jit.noisy_max_partial(y.numpy(), x.detach().numpy(), wt, b, pn, pr, pc,
+                          noise.reshape(len(pn), cin, -1).numpy(), scalar(sigma), scalar(-np.inf),
+                          *k, *s, *p, *d, count_padding)

@@ -3,12 +3,17 @@
 Two loop orders per kernel: NCHW arrays are walked plane by plane, NHWC arrays pixel by pixel
 with the channel loop innermost, so that both read memory in order (and the NHWC loops
 vectorise over channels).
+
+The kernels are serial and release the GIL (``nogil``): numba's parallel backend would bring a
+second OpenMP runtime beside torch's, whose idle threads spin for milliseconds after every
+region and steal the cores from each other (see docs/performance.md); oneDNN's convolution, the
+bulk of the work, keeps all of torch's threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange  # prange is range here: the kernels compile serial
 
 
 @njit(inline="always")
@@ -49,7 +54,7 @@ def _window_max(x, n, c, r0, c0, kh, kw, h, w, use_tie, tie_limit, eps, rtol):
     return m, idx
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def max_pool_nchw(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, values, indices):
     """x: (N, C, H, W); values, indices: (N, C, Ho, Wo)."""
     n_, c_, h, w = x.shape
@@ -65,7 +70,7 @@ def max_pool_nchw(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, valu
             indices[n, c, i, j] = idx
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def max_pool_nhwc(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, values, indices):
     """x: (N, H, W, C); values, indices: (N, Ho, Wo, C). Same rules as ``_window_max``."""
     n_, h, w, c_ = x.shape
@@ -115,7 +120,7 @@ def max_pool_nhwc(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, valu
                 indices[n, i, j, c] = 0 if bad else idx[c]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def max_unpool_nchw(values, indices, kh, kw, sh, sw, ph, pw, out):
     """values, indices: (N, C, Ho, Wo); out: (N, C, H, W). Finite values go to their flat index,
     NaN values paint their in-bounds window NaN (after every finite write). Returns the number
@@ -146,7 +151,7 @@ def max_unpool_nchw(values, indices, kh, kw, sh, sw, ph, pw, out):
     return bad
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def max_unpool_nhwc(values, indices, kh, kw, sh, sw, ph, pw, out, block):
     """values, indices: (N, Ho, Wo, C); out: (N, H, W, C). As ``max_unpool_nchw``; threads own
     blocks of ``block`` channels of one batch item."""
@@ -191,18 +196,23 @@ def _in_window(idx, r_lo, r_hi, c_lo, c_hi, w):
     return inside, r, col
 
 
-@njit(parallel=True, cache=True)
-def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays):
-    """Non-overlapping windows (kh <= sh, kw <= sw), channels-last: one row-parallel pass.
+@njit(cache=True, nogil=True)
+def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays, has_max, partner,
+                         nan_count):
+    """Non-overlapping windows (kh <= sh, kw <= sw), channels-last: one pass by pooled rows.
 
-    The thread of pooled row i owns output rows [i*sh - ph, (i+1)*sh - ph) (the first and last
-    also the margins): it zeroes them, writes its finite values whose index lies in their own
-    window and paints its NaN windows. Values pointing elsewhere ("strays", e.g. decoder values
-    unpooled with an encoder's indices) are only counted per pooled row in ``strays`` (N, Ho);
-    ``max_unpool_nhwc_strays`` writes them afterwards.
+    Pooled row i owns output rows [i*sh - ph, (i+1)*sh - ph) (the first and last also the
+    margins): it zeroes them, writes its finite values whose index lies in their own window and
+    paints its NaN windows. Values pointing elsewhere ("strays", e.g. decoder values unpooled
+    with an encoder's indices) are only counted per pooled row in ``strays`` (N, Ho);
+    ``max_unpool_nhwc_strays`` writes them afterwards. With ``has_max`` the finished rows become
+    ``maximum(out, partner)`` (partner (N, H, W, C)) while still in cache, and ``nan_count``
+    (N, H, W) receives their NaN entries per pixel (only valid when no strays were found).
+    Returns the number of infinite entries of the maximum.
     """
     n_, ho, wo, c_ = values.shape
     h, w = out.shape[1], out.shape[2]
+    infs = 0
     for q in prange(n_ * ho):
         i = q % ho
         n = q // ho
@@ -230,9 +240,13 @@ def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays):
                         for col in range(c_lo, c_hi):
                             out[n, r, col, c] = np.nan
         strays[n, i] = count
+        if has_max:
+            for r in range(lo, hi):
+                infs += _maximum_row(out[n, r], partner[n, r], nan_count[n, r])
+    return infs
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def max_unpool_nhwc_strays(values, indices, kh, kw, sh, sw, ph, pw, out, strays):
     """Write the strays of ``max_unpool_nhwc_rows`` as sequential unpooling would have.
 
@@ -278,103 +292,228 @@ def max_unpool_nhwc_strays(values, indices, kh, kw, sh, sw, ph, pw, out, strays)
     return bad
 
 
-@njit(parallel=True, cache=True)
-def pixel_stats_nchw(x, count, total):
-    """x: (N, C, H, W); count, total: (N, H, W) NaN entries and sum of numbers per pixel."""
-    n_, c_, h, w = x.shape
-    for q in prange(n_ * h):
-        r = q % h
-        n = q // h
-        cnt = count[n, r]
-        tot = total[n, r]
-        cnt[:] = 0
-        tot[:] = 0.0
+@njit(inline="always")
+def _act(v, kind, slope):
+    """Activation of one value: ``kind`` 0 identity, 1 ReLU, 2 PReLU / LeakyReLU with ``slope``
+    (``v`` if v > 0 else slope * v). NaN stays NaN and ReLU(-inf) is 0, as in torch."""
+    if kind == 1:
+        return v if v > 0 or v != v else 0.0
+    if kind == 2:
+        return v if v > 0 else slope * v
+    return v
+
+
+@njit(inline="always")
+def _maximum_row(row, other, nan_count):
+    """In place ``row = maximum(row, other)`` (NaN if either is NaN, as ``torch.maximum``) over
+    one row of pixels (W, C); ``nan_count`` (W,) receives the NaN entries per pixel. Returns the
+    number of infinite entries."""
+    w, c_ = row.shape
+    infs = 0
+    for col in range(w):
+        nans = 0
         for c in range(c_):
-            for col in range(w):
-                v = x[n, c, r, col]
-                nan = v != v
-                cnt[col] += nan
-                tot[col] += 0.0 if nan else v
+            v = row[col, c]
+            p = other[col, c]
+            v = v if v != v or v >= p else p  # p NaN: v >= p is False, so v = p (NaN)
+            row[col, c] = v
+            nans += v != v
+            infs += abs(v) == np.inf
+        nan_count[col] = nans
+    return infs
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
-def pixel_stats_nhwc(x, count, total):
+@njit(cache=True, nogil=True)
+def pixel_stats_nchw(x, kind, slopes, count, total):
+    """x: (N, C, H, W); count, total: (N, H, W) NaN entries and sum of numbers per pixel of
+    ``act(x)`` (``kind``, ``slopes`` (C,): see ``_act``)."""
+    n_, c_, h, w = x.shape
+    for n in range(n_):
+        for r in range(h):
+            cnt = count[n, r]
+            tot = total[n, r]
+            cnt[:] = 0
+            tot[:] = 0.0
+            for c in range(c_):
+                s = slopes[c]
+                for col in range(w):
+                    v = _act(x[n, c, r, col], kind, s)
+                    nan = v != v
+                    cnt[col] += nan
+                    tot[col] += 0.0 if nan else v
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def pixel_stats_nhwc(x, kind, slopes, count, total):
     """x: (N, H, W, C); count, total: (N, H, W). Reassociation lets the channel sums vectorise."""
     n_, h, w, c_ = x.shape
-    for q in prange(n_ * h):
-        r = q % h
-        n = q // h
-        for col in range(w):
-            cnt = 0
-            tot = 0.0
-            for c in range(c_):
-                v = x[n, r, col, c]
-                nan = v != v
-                cnt += nan
-                tot += 0.0 if nan else v
-            count[n, r, col] = cnt
-            total[n, r, col] = tot
+    for n in range(n_):
+        for r in range(h):
+            for col in range(w):
+                cnt = 0
+                tot = 0.0
+                for c in range(c_):
+                    v = _act(x[n, r, col, c], kind, slopes[c])
+                    nan = v != v
+                    cnt += nan
+                    tot += 0.0 if nan else v
+                count[n, r, col] = cnt
+                total[n, r, col] = tot
 
 
-@njit(parallel=True, cache=True)
-def window_layout(count, total, kh, kw, sh, sw, ph, pw, dh, dw, channels, threshold,
+@njit(cache=True, nogil=True)
+def window_layout(count, total, has_total, kh, kw, sh, sw, ph, pw, dh, dw, channels, threshold,
                   count_padding, skip, partial, mean):
     """Per output position from per-pixel maps (N, H, W): skip, partial, fill mean (N, Ho, Wo).
 
-    ``count``/``total``: NaN entries / sum of numbers per pixel. r = NaN entries / window
-    entries (in-bounds ones unless ``count_padding``); skip if r >= threshold; partial if
-    computed with NaN in the window; mean = sum of numbers / non-NaN entries (padding zeros
-    count as entries with ``count_padding``). Separable: column sums over the kH taps of each
-    output row first, then sums over the kW taps. Returns the (skipped, partial) counts.
+    ``count``/``total``: NaN entries / sum of numbers per pixel (``total`` only read, and
+    ``mean`` only written, if ``has_total``). r = NaN entries / window entries (in-bounds ones
+    unless ``count_padding``); skip if r >= threshold; partial if computed with NaN in the
+    window; mean = sum of numbers / non-NaN entries (padding zeros count as entries with
+    ``count_padding``). Separable: column sums over the kH taps of each output row first, then
+    sums over the kW taps. Returns the (skipped, partial) counts.
     """
     n_, h, w = count.shape
     ho, wo = skip.shape[1], skip.shape[2]
     full = channels * kh * kw
     skipped = 0
     partials = 0
-    for q in prange(n_ * ho):
-        i = q % ho
-        n = q // ho
-        col_nans = np.zeros(w, np.int64)
-        col_total = np.zeros(w, np.float64)
-        rows_in = 0
-        for di in range(kh):
-            r = i * sh - ph + di * dh
-            if r < 0 or r >= h:
-                continue
-            rows_in += 1
-            for col in range(w):
-                col_nans[col] += count[n, r, col]
-                col_total[col] += total[n, r, col]
-        for j in range(wo):
-            cols_in = 0
-            nans = 0
-            tot = 0.0
-            for dj in range(kw):
-                col = j * sw - pw + dj * dw
-                if col < 0 or col >= w:
+    col_nans = np.zeros(w, np.int64)
+    col_total = np.zeros(w, np.float64)
+    for n in range(n_):
+        for i in range(ho):
+            col_nans[:] = 0
+            col_total[:] = 0.0
+            rows_in = 0
+            for di in range(kh):
+                r = i * sh - ph + di * dh
+                if r < 0 or r >= h:
                     continue
-                cols_in += 1
-                nans += col_nans[col]
-                tot += col_total[col]
-            entries = full if count_padding else channels * rows_in * cols_in
-            s = nans / max(entries, 1.0) >= threshold  # as the reference computes it
-            p = nans > 0 and not s
-            skip[n, i, j] = s
-            partial[n, i, j] = p
-            mean[n, i, j] = tot / max(entries - nans, 1)
-            skipped += s
-            partials += p
+                rows_in += 1
+                for col in range(w):
+                    col_nans[col] += count[n, r, col]
+                if has_total:
+                    for col in range(w):
+                        col_total[col] += total[n, r, col]
+            for j in range(wo):
+                cols_in = 0
+                nans = 0
+                tot = 0.0
+                for dj in range(kw):
+                    col = j * sw - pw + dj * dw
+                    if col < 0 or col >= w:
+                        continue
+                    cols_in += 1
+                    nans += col_nans[col]
+                    tot += col_total[col]
+                entries = full if count_padding else channels * rows_in * cols_in
+                s = nans / max(entries, 1.0) >= threshold  # as the reference computes it
+                p = nans > 0 and not s
+                skip[n, i, j] = s
+                partial[n, i, j] = p
+                if has_total:
+                    mean[n, i, j] = tot / max(entries - nans, 1)
+                skipped += s
+                partials += p
     return skipped, partials
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
+def partial_means(x, kind, slopes, count, partial, kh, kw, sh, sw, ph, pw, dh, dw,
+                  count_padding, mean):
+    """``mean`` (N, Ho, Wo) at the partial positions only: the mean of the window's numbers of
+    ``act(x)``, x: (N, C, H, W) in any memory layout, ``count`` (N, H, W) its NaN entries per
+    pixel. Used when the NaN layout came with the input, so no per-pixel sums exist; pixels
+    that are NaN in every channel are not read."""
+    n_, c_, h, w = x.shape
+    ho, wo = partial.shape[1], partial.shape[2]
+    full = c_ * kh * kw
+    for n in range(n_):
+        for i in range(ho):
+            for j in range(wo):
+                if not partial[n, i, j]:
+                    continue
+                taps = 0
+                nans = 0
+                tot = 0.0
+                for di in range(kh):
+                    r = i * sh - ph + di * dh
+                    if r < 0 or r >= h:
+                        continue
+                    for dj in range(kw):
+                        col = j * sw - pw + dj * dw
+                        if col < 0 or col >= w:
+                            continue
+                        taps += 1
+                        cnt = count[n, r, col]
+                        nans += cnt
+                        if cnt == c_:
+                            continue
+                        for c in range(c_):
+                            v = _act(x[n, c, r, col], kind, slopes[c])
+                            if v == v:
+                                tot += v
+                entries = full if count_padding else c_ * taps
+                mean[n, i, j] = tot / max(entries - nans, 1)
+
+
+@njit(cache=True, nogil=True)
+def gather_nchw(x, kind, slopes, origin, out):
+    """``out[g]`` (rows, cols, C) = ``act(x)`` (N, C, H, W) with NaN -> 0 over the input window
+    of rows [top, top + rows) and cols [left, left + cols) of item n, (n, top, left) =
+    ``origin[g]``; entries outside the map are 0 (zero padding)."""
+    g_, rows, cols, c_ = out.shape
+    h, w = x.shape[2], x.shape[3]
+    for g in range(g_):
+        n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
+        lo = min(max(-left, 0), cols)
+        hi = max(min(w - left, cols), lo)
+        for rr in range(rows):
+            r = top + rr
+            dst = out[g, rr]
+            if r < 0 or r >= h:
+                dst[:, :] = 0.0
+                continue
+            dst[:lo, :] = 0.0
+            dst[hi:, :] = 0.0
+            for c in range(c_):
+                s = slopes[c]
+                for cc in range(lo, hi):
+                    v = _act(x[n, c, r, left + cc], kind, s)
+                    dst[cc, c] = 0.0 if v != v else v
+
+
+@njit(cache=True, nogil=True)
+def gather_nhwc(x, kind, slopes, origin, out):
+    """``gather_nchw`` for x: (N, H, W, C)."""
+    g_, rows, cols, c_ = out.shape
+    h, w = x.shape[1], x.shape[2]
+    for g in range(g_):
+        n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
+        lo = min(max(-left, 0), cols)
+        hi = max(min(w - left, cols), lo)
+        for rr in range(rows):
+            r = top + rr
+            dst = out[g, rr]
+            if r < 0 or r >= h:
+                dst[:, :] = 0.0
+                continue
+            dst[:lo, :] = 0.0
+            dst[hi:, :] = 0.0
+            src = x[n, r]
+            for cc in range(lo, hi):
+                for c in range(c_):
+                    v = _act(src[left + cc, c], kind, slopes[c])
+                    dst[cc, c] = 0.0 if v != v else v
+
+
+@njit(cache=True, nogil=True)
 def band_rects(skip, band_rows, rects):
     """rects (N, bands, 4) = (r0, r1, c0, c1), inclusive, of each band's computed positions of
     skip (N, Ho, Wo); r0 = -1 when the band has none."""
     n_, ho, wo = skip.shape
     bands = rects.shape[1]
-    for q in prange(n_ * bands):
+    for q in range(n_ * bands):
         b = q % bands
         n = q // bands
         r0, r1, c0, c1 = -1, -1, wo, -1
@@ -398,55 +537,123 @@ def band_rects(skip, band_rows, rects):
         rects[n, b, 3] = c1
 
 
-@njit(parallel=True, cache=True)
-def finish_conv(y, x, count, wt, skip, partial, mean, kh, kw, sh, sw, ph, pw, dh, dw,
-                add_mean):
-    """NaN at skipped positions; at partial ones add mean * (sum of the weights at NaN entries).
-
-    y: (N, Ho, Wo, C_out) holding conv(x with NaN -> 0) + bias; x: (N, C_in, H, W) any layout;
-    count: (N, H, W) NaN entries per pixel; wt: (kH, kW, C_in + 1, C_out) weights, the last
-    row their sum over C_in (for pixels NaN in every channel); skip/partial/mean: (N, Ho, Wo).
-    """
+@njit(cache=True, nogil=True)
+def fill_outside(y, spans, nan_count):
+    """NaN in y (N, Ho, Wo, C_out) outside each row's computed column span ``spans`` (N, Ho, 2)
+    (inclusive; c0 > c1 for a row computed nowhere); ``nan_count`` (N, Ho, Wo) = C_out there."""
     n_, ho, wo, cout = y.shape
+    for n in range(n_):
+        for i in range(ho):
+            c0 = min(max(spans[n, i, 0], 0), wo)
+            c1 = max(min(spans[n, i, 1], wo - 1), c0 - 1)
+            y[n, i, :c0, :] = np.nan
+            y[n, i, c1 + 1 :, :] = np.nan
+            nan_count[n, i, :c0] = cout
+            nan_count[n, i, c1 + 1 :] = cout
+
+
+@njit(cache=True, nogil=True)
+def write_bands(y, bands, rects, skip, partial, mean, add_mean, x, count, wt, kh, kw, sh, sw, ph,
+                pw, dh, dw, pre_kind, pre_slopes, post_kind, post_slopes, has_max, partner,
+                nan_count):
+    """Write the band results into the output, finishing every position in one pass.
+
+    y: (N, Ho, Wo, C_out); bands: (G, rows, cols, C_out) = conv(act(x) with NaN -> 0) + bias
+    over the output rectangles ``rects`` (G, 5) = (n, r0, r1, c0, c1) (inclusive; band g covers
+    exactly rect g; ``bands`` may be ``y`` itself). Per position of a rectangle: NaN if skipped;
+    else the band value, plus (``add_mean`` at partial positions) mean * (sum of the weights at
+    the NaN entries of the window of ``act(x)``), rounded to y's dtype, then the post-activation
+    (``post_kind``/``post_slopes``) and, with ``has_max``, ``maximum(value, partner)`` (partner
+    (N, Ho, Wo, C_out)). x: (N, C_in, H, W) any layout; count: (N, H, W) NaN entries per pixel
+    of act(x); wt: (kH, kW, C_in + 1, C_out) weights, the last row their sum over C_in.
+    ``nan_count`` (N, Ho, Wo) receives the output's NaN entries per position. Returns the number
+    of infinite output entries.
+    """
+    g_ = rects.shape[0]
+    cout = y.shape[3]
     cin, h, w = x.shape[1], x.shape[2], x.shape[3]
-    for q in prange(n_ * ho):
-        i = q % ho
-        n = q // ho
-        acc = np.empty(cout, wt.dtype)
-        for j in range(wo):
-            if skip[n, i, j]:
-                for co in range(cout):
-                    y[n, i, j, co] = np.nan
-                continue
-            if not (add_mean and partial[n, i, j]):
-                continue
-            acc[:] = 0.0
-            for di in range(kh):
-                r = i * sh - ph + di * dh
-                if r < 0 or r >= h:
+    acc = np.zeros(cout, np.float64)
+    rounded = np.empty(1, y.dtype)
+    infs = 0
+    m = 0.0
+    for g in range(g_):
+        n, r0, r1, c0, c1 = rects[g, 0], rects[g, 1], rects[g, 2], rects[g, 3], rects[g, 4]
+        for i in range(r0, r1 + 1):
+            for j in range(c0, c1 + 1):
+                if skip[n, i, j]:
+                    y[n, i, j, :] = np.nan
+                    nan_count[n, i, j] = cout
                     continue
-                for dj in range(kw):
-                    col = j * sw - pw + dj * dw
-                    if col < 0 or col >= w:
-                        continue
-                    nans = count[n, r, col]
-                    if nans == 0:
-                        continue
-                    if nans == cin:
-                        for co in range(cout):
-                            acc[co] += wt[di, dj, cin, co]
-                        continue
-                    for c in range(cin):
-                        v = x[n, c, r, col]
-                        if v != v:
-                            for co in range(cout):
-                                acc[co] += wt[di, dj, c, co]
-            m = mean[n, i, j]
-            for co in range(cout):
-                y[n, i, j, co] += m * acc[co]
+                fill = add_mean and partial[n, i, j]
+                if fill:
+                    acc[:] = 0.0
+                    for di in range(kh):
+                        r = i * sh - ph + di * dh
+                        if r < 0 or r >= h:
+                            continue
+                        for dj in range(kw):
+                            col = j * sw - pw + dj * dw
+                            if col < 0 or col >= w:
+                                continue
+                            nans = count[n, r, col]
+                            if nans == 0:
+                                continue
+                            if nans == cin:
+                                for co in range(cout):
+                                    acc[co] += wt[di, dj, cin, co]
+                                continue
+                            for c in range(cin):
+                                v = _act(x[n, c, r, col], pre_kind, pre_slopes[c])
+                                if v != v:
+                                    for co in range(cout):
+                                        acc[co] += wt[di, dj, c, co]
+                    m = mean[n, i, j]
+                band = bands[g, i - r0, j - c0]
+                nans = 0
+                for co in range(cout):
+                    v = band[co]
+                    if fill:
+                        rounded[0] = v + m * acc[co]
+                        v = rounded[0]
+                    v = _act(v, post_kind, post_slopes[co])
+                    if has_max:
+                        p = partner[n, i, j, co]
+                        v = v if v != v or v >= p else p
+                    y[n, i, j, co] = v
+                    nans += v != v
+                    infs += abs(v) == np.inf
+                nan_count[n, i, j] = nans
+    return infs
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
+def post_ops(y, post_kind, post_slopes, has_max, partner, nan_count):
+    """In place on y (N, H, W, C): the activation, then (``has_max``) ``maximum(y, partner)``;
+    ``nan_count`` (N, H, W) receives the NaN entries per pixel. Returns the number of infinite
+    entries."""
+    n_, h, w, c_ = y.shape
+    infs = 0
+    for n in range(n_):
+        for r in range(h):
+            row = y[n, r]
+            if post_kind != 0:
+                for col in range(w):
+                    for c in range(c_):
+                        row[col, c] = _act(row[col, c], post_kind, post_slopes[c])
+            if has_max:
+                infs += _maximum_row(row, partner[n, r], nan_count[n, r])
+                continue
+            for col in range(w):
+                nans = 0
+                for c in range(c_):
+                    v = row[col, c]
+                    nans += v != v
+                    infs += abs(v) == np.inf
+                nan_count[n, r, col] = nans
+    return infs
+
+
+@njit(cache=True, nogil=True)
 def noisy_max_partial(y, x, wt, bias, pn, pr, pc, noise, sigma, lowest, kh, kw, sh, sw, ph, pw,
                       dh, dw, count_padding):
     """Overwrite ``y`` (N, C_out, Ho, Wo) at the partially-NaN positions (pn, pr, pc) with the

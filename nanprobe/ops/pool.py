@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _kernels
+from . import _kernels, _layout
 from ._args import (
     IntPair,
     check_input,
@@ -180,6 +180,8 @@ def nan_max_unpool2d(
     stride: IntPair | None = None,
     padding: IntPair = 0,
     output_size: tuple[int, ...] | torch.Size | None = None,
+    *,
+    maxout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Max unpooling that spreads NaN marks over their window.
 
@@ -188,6 +190,10 @@ def nan_max_unpool2d(
     ``F.max_unpool2d`` does; a NaN value writes NaN to every in-bounds position of its window
     (its index is ignored). Output: (N, C, H, W) with ``(H, W)`` from ``output_size`` (the last two
     entries are used) or the default ``(Ho - 1)*stride - 2*padding + kernel_size``.
+
+    ``maxout``: a tensor shaped like the output; the result is then
+    ``torch.maximum(unpooled, maxout)`` (FastSurfer's decoder), which the CPU kernels compute
+    while the unpooled rows are still in cache.
     """
     v4, squeeze = check_input(values, "values")
     if not isinstance(indices, torch.Tensor) or indices.shape != values.shape:
@@ -210,11 +216,21 @@ def nan_max_unpool2d(
         if expected != (ho, wo):
             raise ValueError(f"output_size {(h, w)} is inconsistent with pooled size {(ho, wo)} "
                              f"for kernel_size={k}, stride={s}, padding={p}")
-    if _kernels.enabled(v4):
-        out, bad = _kernels.max_unpool(v4, i4, k, s, p, (h, w))
+    partner = None
+    if maxout is not None:
+        if not isinstance(maxout, torch.Tensor) or maxout.numel() != n * c * h * w:
+            got = tuple(maxout.shape) if isinstance(maxout, torch.Tensor) else type(maxout)
+            raise ValueError(f"maxout must be a tensor shaped like the output "
+                             f"{(n, c, h, w)}, got {got}")
+        partner = maxout.reshape(n, c, h, w)
+    if _kernels.enabled(v4) and (partner is None or (
+            _kernels.enabled(partner) and partner.dtype == v4.dtype)):
+        out, bad, count, finite = _kernels.max_unpool(v4, i4, k, s, p, (h, w), partner)
         if bad:
             raise ValueError(f"indices out of range for an output of size {(h, w)}: "
                              f"expected values in [0, {h * w})")
+        if count is not None:
+            _layout.remember(out, count, finite)
         return out.squeeze(0) if squeeze else out
     nan = torch.isnan(v4)
     has_nan = bool(nan.any())
@@ -235,4 +251,6 @@ def nan_max_unpool2d(
         for view in _window_views(spread, k, s, (ho, wo)):
             view |= nan
         out.masked_fill_(spread[..., p[0] : p[0] + h, p[1] : p[1] + w], float("nan"))
+    if partner is not None:
+        out = torch.maximum(out, partner)
     return out.squeeze(0) if squeeze else out
