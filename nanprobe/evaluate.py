@@ -62,9 +62,10 @@ def mean_foreground_dice(scores: Sequence[float]) -> float:
     return float(np.nanmean(np.asarray(scores[1:], dtype=float)))
 
 
-def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
-                      warmup: bool = True) -> list[float]:
-    """Median seconds of each function over ``repeats`` interleaved rounds.
+def interleaved_samples(fns: Sequence[Callable[[], Any]], repeats: int,
+                        warmup: bool = True) -> list[list[float]]:
+    """Seconds of each function in each of ``repeats`` interleaved rounds (round r of every
+    function ran back to back, so ratios per round compare like with like).
 
     ``warmup`` first calls each function once untimed (skip it when they just ran).
     """
@@ -77,7 +78,14 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
             t0 = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
+                      warmup: bool = True) -> list[float]:
+    """Median seconds of each function over ``repeats`` interleaved rounds
+    (:func:`interleaved_samples`)."""
+    return [statistics.median(t) for t in interleaved_samples(fns, repeats, warmup)]
 
 
 def split_batches(x: torch.Tensor, batch_size: int, channels_last: bool = False

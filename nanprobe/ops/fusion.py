@@ -39,7 +39,10 @@ class Activation:
         """One slope per channel, (channels,) of ``dtype`` (zeros for ReLU)."""
         if self.kind == RELU:
             return torch.zeros(channels, dtype=dtype)
-        s = torch.as_tensor(self.slope).detach().to("cpu", dtype).reshape(-1)
+        if isinstance(self.slope, torch.Tensor):
+            s = self.slope.detach().to("cpu", dtype).reshape(-1)
+        else:
+            s = torch.tensor([self.slope], dtype=dtype)
         return s.expand(channels).contiguous() if s.numel() == 1 else s
 
     def keeps_numbers(self) -> bool:
@@ -51,10 +54,10 @@ class Activation:
         return bool((torch.isfinite(s) & (s != 0)).all())
 
 
-def activation(module: nn.Module | None) -> Activation | None:
+def activation(module: nn.Module | str | None) -> Activation | None:
     """The :class:`Activation` of an ``nn.ReLU``, ``nn.LeakyReLU`` or ``nn.PReLU`` module (exact
-    types), else None (not absorbable)."""
-    if type(module) is nn.ReLU:
+    types) or of ``"relu"`` (``torch.relu``), else None (not absorbable)."""
+    if type(module) is nn.ReLU or (isinstance(module, str) and module == "relu"):
         return Activation(RELU)
     if type(module) is nn.LeakyReLU:
         return Activation(SLOPE, float(module.negative_slope))

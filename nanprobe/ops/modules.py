@@ -168,13 +168,13 @@ class NanConv2d(nn.Conv2d, SkipCounter):
         x: torch.Tensor,
         maxout: torch.Tensor | None = None,
         *,
-        pre_activation: nn.Module | None = None,
+        pre_activation: nn.Module | str | None = None,
         batch_norm: nn.Module | None = None,
-        post_activation: nn.Module | None = None,
+        post_activation: nn.Module | str | None = None,
     ) -> torch.Tensor:  # noqa: D102 - see class docstring
         pre, post = activation(pre_activation), activation(post_activation)
         parts = (pre_activation, batch_norm, post_activation)
-        if (any(m is not None and m.training for m in parts)
+        if (any(isinstance(m, nn.Module) and m.training for m in parts)
                 or (pre_activation is not None and pre is None)
                 or (post_activation is not None and post is None)
                 or (batch_norm is not None and not foldable(batch_norm))
@@ -200,12 +200,12 @@ class NanConv2d(nn.Conv2d, SkipCounter):
     def _one_by_one(self, x, maxout, pre_activation, batch_norm, post_activation) -> torch.Tensor:
         """The fused operations as separate modules, as the model wrote them."""
         if pre_activation is not None:
-            x = pre_activation(x)
+            x = torch.relu(x) if isinstance(pre_activation, str) else pre_activation(x)
         y = self._nan_conv(x, self.weight, self.bias)
         if batch_norm is not None:
             y = batch_norm(y)
         if post_activation is not None:
-            y = post_activation(y)
+            y = torch.relu(y) if isinstance(post_activation, str) else post_activation(y)
         return y if maxout is None else torch.maximum(y, maxout)
 
     def _folded(self, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
