@@ -315,3 +315,40 @@ def fuse_module(module: nn.Module, install: bool = True) -> FusedForward | str |
 def calls_nan_ops(module: nn.Module) -> bool:
     """Whether ``module`` has a NaN conv or unpool child (whose calls its forward may fuse)."""
     return any(isinstance(m, NanConv2d | NanMaxUnpool2d) for m in module.children())
+
+
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module) -> list[tuple[str, str]]:
+    """The dense baseline's inference step: fold every ``nn.BatchNorm2d`` (inference mode, with
+    running statistics) that only follows an ``nn.Conv2d`` into that convolution's weight and
+    bias, and replace it by ``nn.Identity``, in place. Found by tracing each module's forward
+    as :func:`fuse_module` does; returns the (conv, batch norm) names folded."""
+    from .fusion import fold_batch_norm, foldable
+
+    pairs = []
+    for name, module in list(model.named_modules()):
+        if not any(type(m) is nn.Conv2d for m in module.children()):
+            continue
+        graph = trace(module)
+        if isinstance(graph, str):
+            continue
+        modules = dict(module.named_modules())
+        for node in graph.nodes:
+            conv = modules.get(node.target) if node.op == "call_module" else None
+            if type(conv) is not nn.Conv2d or len(node.users) != 1:
+                continue
+            user = next(iter(node.users))
+            bn = modules.get(user.target) if user.op == "call_module" else None
+            if bn is None or not foldable(bn) or user.args != (node,) or user.kwargs:
+                continue
+            weight, bias = fold_batch_norm(conv.weight, conv.bias, bn)
+            conv.weight.copy_(weight)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(bias)
+            else:
+                conv.bias.copy_(bias)
+            parent, _, child = user.target.rpartition(".")
+            setattr(module.get_submodule(parent), child, nn.Identity())
+            prefix = f"{name}." if name else ""
+            pairs.append((prefix + node.target, prefix + user.target))
+    return pairs

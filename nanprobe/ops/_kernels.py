@@ -102,10 +102,11 @@ def max_pool(
     tie_limit: int | None,
     tie_eps: float,
     tie_rtol: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """NaN max pooling of (N, C, H, W) ``x`` in one pass; same rules as ``nan_max_pool2d``.
 
-    Returns (values, int64 indices) of shape (N, C, Ho, Wo) in ``x``'s memory format.
+    Returns (values, int64 indices) of shape (N, C, Ho, Wo) in ``x``'s memory format, and the
+    number of NaN windows.
     """
     jit = _compiled()
     n, c = x.shape[:2]
@@ -116,10 +117,10 @@ def max_pool(
     indices = torch.empty(n, c, *out_hw, dtype=torch.int64, memory_format=fmt)
     args = (*k, *s, *p, tie_limit is not None, tie_limit or 0, scalar(tie_eps), scalar(tie_rtol))
     if cl:
-        jit.max_pool_nhwc(_nhwc(x), *args, _nhwc(values), _nhwc(indices))
+        nans = jit.max_pool_nhwc(_nhwc(x), *args, _nhwc(values), _nhwc(indices))
     else:
-        jit.max_pool_nchw(_nchw(x), *args, values.numpy(), indices.numpy())
-    return values, indices
+        nans = jit.max_pool_nchw(_nchw(x), *args, values.numpy(), indices.numpy())
+    return values, indices, int(nans)
 
 
 def max_unpool(

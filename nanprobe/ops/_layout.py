@@ -69,3 +69,12 @@ def recall(t: torch.Tensor) -> PixelNaNs | None:
             entry.version, entry.data_ptr, entry.shape, entry.stride):
         return None
     return entry.layout
+
+
+def nan_entries(t: torch.Tensor) -> int:
+    """Number of NaN entries of ``t``: from its carried layout when it has one (no pass over
+    ``t``), else counted."""
+    layout = recall(t)
+    if layout is not None:
+        return int(layout.count.numpy().sum())
+    return int(torch.isnan(t).sum())

@@ -56,9 +56,10 @@ def _window_max(x, n, c, r0, c0, kh, kw, h, w, use_tie, tie_limit, eps, rtol):
 
 @njit(cache=True, nogil=True)
 def max_pool_nchw(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, values, indices):
-    """x: (N, C, H, W); values, indices: (N, C, Ho, Wo)."""
+    """x: (N, C, H, W); values, indices: (N, C, Ho, Wo). Returns the number of NaN windows."""
     n_, c_, h, w = x.shape
     ho, wo = values.shape[2], values.shape[3]
+    nans = 0
     for q in prange(n_ * c_ * ho):
         i = q % ho
         c = (q // ho) % c_
@@ -68,13 +69,17 @@ def max_pool_nchw(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, valu
                                  tie_limit, eps, rtol)
             values[n, c, i, j] = v
             indices[n, c, i, j] = idx
+            nans += v != v
+    return nans
 
 
 @njit(cache=True, nogil=True)
 def max_pool_nhwc(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, values, indices):
-    """x: (N, H, W, C); values, indices: (N, Ho, Wo, C). Same rules as ``_window_max``."""
+    """x: (N, H, W, C); values, indices: (N, Ho, Wo, C). Same rules as ``_window_max``.
+    Returns the number of NaN windows."""
     n_, h, w, c_ = x.shape
     ho, wo = values.shape[1], values.shape[2]
+    nans = 0
     for q in prange(n_ * ho):
         i = q % ho
         n = q // ho
@@ -118,6 +123,8 @@ def max_pool_nhwc(x, kh, kw, sh, sw, ph, pw, use_tie, tie_limit, eps, rtol, valu
                 bad = idx[c] < 0 or (use_tie and ties[c] > tie_limit)
                 values[n, i, j, c] = np.nan if bad else m[c]
                 indices[n, i, j, c] = 0 if bad else idx[c]
+                nans += bad
+    return nans
 
 
 @njit(cache=True, nogil=True)

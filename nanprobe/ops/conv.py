@@ -25,6 +25,7 @@ convolution over the whole map (the same code with one band).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,7 +284,7 @@ def _dense(
     if x.device.type == "cpu" and macs >= CHANNELS_LAST_MIN_MACS:
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = _scratch_cl(tuple(x.shape), x).copy_(x)
-        weight = weight.contiguous(memory_format=torch.channels_last)
+        weight = _derived(weight, "channels_last", _channels_last)
     return F.conv2d(x, weight, bias, g.s, g.p, g.d)
 
 
@@ -524,6 +525,34 @@ def _fast(
     return y, band_area
 
 
+_DERIVED: dict[tuple[int, str], tuple] = {}
+
+
+def _channels_last(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().contiguous(memory_format=torch.channels_last)
+
+
+def _derived(weight: torch.Tensor, kind: str, make):
+    """``make(weight)``, cached per weight tensor and ``kind`` until the weight changes (same
+    checks as the carried NaN layouts): a copy per call is a small torch op, and under load
+    every small parallel op can wait a whole time slice for its second thread."""
+    if weight.is_inference():  # no version counter: nothing can be cached safely
+        return make(weight)
+    key = (id(weight), kind)
+    state = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+    entry = _DERIVED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == state:
+        return entry[2]
+    value = make(weight)
+
+    def forget(ref, key=key):
+        if _DERIVED.get(key, (None,))[0] is ref:
+            del _DERIVED[key]
+
+    _DERIVED[key] = (weakref.ref(weight, forget), state, value)
+    return value
+
+
 def _spans(rects: list[Rect], n: int, ho: int) -> np.ndarray:
     """(N, Ho, 2) inclusive column span of each output row's rectangle; (0, -1) for none."""
     spans = np.zeros((n, ho, 2), np.int64)
@@ -591,14 +620,14 @@ def _kernel_conv(
     if carried is not None and pre is not None and not (carried.finite or pre.keeps_numbers()):
         carried = None  # a zero slope could turn -inf into NaN: count on the activated input
     count = total = None
-    if carried is not None:
+    if carried is not None:  # numpy reductions: no torch parallel region for small maps
         count = carried.count
-        nan_free = nan_threshold > 0 and not bool(count.any())
+        nan_free = nan_threshold > 0 and not count.numpy().any()
     else:
         nan_free = nan_threshold > 0 and _nan_free(x, pre)
         if not nan_free:
             count, total = _kernels.pixel_stats(x, pre)
-            nan_free = nan_threshold > 0 and not bool(count.any())
+            nan_free = nan_threshold > 0 and not count.numpy().any()
     if nan_free:
         return _kernel_dense(x, weight, bias, g, pre, post, maxout), 0, 0, n * ho * wo
 
@@ -611,14 +640,14 @@ def _kernel_conv(
         mean.fill_(constant)
     elif add and total is None:
         _kernels.partial_means(x, pre, count, partial, mean, g.k, g.s, g.p, g.d, count_padding)
-    wt = _kernels.tap_weights(weight) if add else np.zeros((1, 1, 1, 1), _kernels._scalar(
-        weight.dtype))
+    wt = _derived(weight, "taps", _kernels.tap_weights) if add else np.zeros(
+        (1, 1, 1, 1), _kernels._scalar(weight.dtype))
     post_k, maxout_k = (post, maxout) if linear else (None, None)  # noisy_max: after recompute
     kgeom = (g.k, g.s, g.p, g.d)
 
     rects = _kernels.band_rects(skip, BAND_ROWS)
     band_area = sum((r1 - r0 + 1) * (c1 - c0 + 1) for _, r0, r1, c0, c1 in rects)
-    w_cl = weight.contiguous(memory_format=torch.channels_last)
+    w_cl = _derived(weight, "channels_last", _channels_last)
     nan_count = torch.empty(n, ho, wo, dtype=torch.int32)
     infs = 0
     if not _banded(x, weight, g, band_area, banded):  # one NaN-free copy, one conv2d
@@ -869,7 +898,9 @@ def nan_conv2d(
     plus bias is taken: ``fill="mean"``: the mean of the window's non-NaN entries;
     ``fill="noisy_max"``: independent draws from N(max of the non-NaN entries, ``sigma``)
     (reproducible with ``generator``); ``fill="zero"``: 0 (ReLU's value where it cuts); a
-    finite number: that constant. Without NaN it equals ``F.conv2d``.
+    finite number: that constant. Without NaN it equals ``F.conv2d``. (The fast path adds
+    the mean fill's term by linearity: if a window's numbers include +-inf, its mean is
+    infinite and the result may be +-inf where the per-entry sum gives inf - inf = NaN.)
 
     ``impl``: ``"reference"`` (im2col, slow, obviously correct), ``"fast"`` (banded dense conv
     over the active region) or ``"auto"`` (banded only when it saves work). ``groups`` must be 1.

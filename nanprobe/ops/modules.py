@@ -13,9 +13,10 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._args import IntPair, check_choice, check_fraction, check_nonnegative, check_tie_limit
+from ._layout import nan_entries
 from .conv import IMPLS, Fill, check_fill, nan_conv2d_with_stats
 from .fusion import activation, batch_norm_key, fold_batch_norm, foldable
-from .pool import nan_max_pool2d, nan_max_unpool2d
+from .pool import nan_max_pool2d_with_count, nan_max_unpool2d
 
 
 class SkipCounter:
@@ -68,11 +69,11 @@ class NanMaxPool2d(nn.MaxPool2d, SkipCounter):
         self._init_counter()
 
     def forward(self, x: torch.Tensor):  # noqa: D102 - see class docstring
-        values, indices = nan_max_pool2d(
+        values, indices, nans = nan_max_pool2d_with_count(
             x, self.kernel_size, self.stride, self.padding, tie_limit=self.tie_limit,
-            tie_eps=self.tie_eps, tie_rtol=self.tie_rtol, return_indices=True,
+            tie_eps=self.tie_eps, tie_rtol=self.tie_rtol,
         )
-        self._record(windows=values.numel(), nan_windows=int(torch.isnan(values).sum()))
+        self._record(windows=values.numel(), nan_windows=nans)
         return (values, indices) if self.return_indices else values
 
     def extra_repr(self) -> str:
@@ -103,7 +104,7 @@ class NanMaxUnpool2d(nn.MaxUnpool2d, SkipCounter):
     ) -> torch.Tensor:
         """Unpool ``x``; with ``maxout``, ``torch.maximum(unpooled, maxout)`` in the same pass
         (what :func:`~nanprobe.ops.nanify` passes when it fuses a decoder's maxout)."""
-        self._record(windows=x.numel(), nan_windows=int(torch.isnan(x).sum()))
+        self._record(windows=x.numel(), nan_windows=nan_entries(x))
         return nan_max_unpool2d(x, indices, self.kernel_size, self.stride, self.padding,
                                 output_size, maxout=maxout)
 

@@ -154,6 +154,25 @@ def nan_max_pool2d(
     Returns ``(values, indices)`` of shape (N, C, Ho, Wo) (int64 indices), or only ``values``
     when ``return_indices=False``. Without ties and NaN it equals ``F.max_pool2d``.
     """
+    values, indices, _ = nan_max_pool2d_with_count(
+        x, kernel_size, stride, padding, tie_limit=tie_limit, tie_eps=tie_eps,
+        tie_rtol=tie_rtol)
+    return (values, indices) if return_indices else values
+
+
+@torch.no_grad()
+def nan_max_pool2d_with_count(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    tie_limit: int | None = 1,
+    tie_eps: float = 1e-7,
+    tie_rtol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`nan_max_pool2d` (values and indices) and its number of NaN windows (used by
+    :class:`NanMaxPool2d`; the CPU kernel counts them as it writes)."""
     x4, squeeze = check_input(x)
     k, s, p = _pool_geometry(kernel_size, stride, padding)
     check_tie_limit(tie_limit)
@@ -164,12 +183,14 @@ def nan_max_pool2d(
     if min(out_hw) < 1:
         raise ValueError(f"input of spatial size {(h, w)} is smaller than kernel_size {k}")
     if _kernels.enabled(x4):
-        values, indices = _kernels.max_pool(x4, k, s, p, out_hw, tie_limit, tie_eps, tie_rtol)
+        values, indices, nans = _kernels.max_pool(x4, k, s, p, out_hw, tie_limit, tie_eps,
+                                                  tie_rtol)
     else:
         values, indices = _torch_max_pool(x4, k, s, p, tie_limit, tie_eps, tie_rtol)
+        nans = int(torch.isnan(values).sum())
     if squeeze:
         values, indices = values.squeeze(0), indices.squeeze(0)
-    return (values, indices) if return_indices else values
+    return values, indices, nans
 
 
 @torch.no_grad()
