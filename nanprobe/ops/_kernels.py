@@ -21,6 +21,8 @@ import threading
 import numpy as np
 import torch
 
+from ._threads import run_rows
+
 #: environment variable choosing the CPU kernels: "numba" (default) or "torch"
 ENV = "NANPROBE_KERNELS"
 
@@ -153,11 +155,14 @@ def max_unpool(
             fused = partner is not None
             other = _nhwc(partner) if fused else args[-1]
             counts = count.numpy() if fused else np.empty((1, 1, 1), np.int32)
-            infs = jit.max_unpool_nhwc_rows(*args, strays, fused, other, counts)
+            rows = n * values.shape[2]
+            infs = run_rows(lambda lo, hi: jit.max_unpool_nhwc_rows(
+                *args, strays, fused, other, counts, lo, hi), rows)
             if not strays.any():
                 return out, 0, count, fused and infs == 0
             # the maximum must follow the strays' writes: unpool again without it
-            jit.max_unpool_nhwc_rows(*args, strays, False, other, counts)
+            run_rows(lambda lo, hi: jit.max_unpool_nhwc_rows(
+                *args, strays, False, other, counts, lo, hi), rows)
             bad = int(jit.max_unpool_nhwc_strays(*args, strays))
     else:
         out = torch.empty(n, c, *hw, dtype=values.dtype)
@@ -177,10 +182,10 @@ def pixel_stats(x: torch.Tensor, act=None) -> tuple[torch.Tensor, torch.Tensor]:
     kind, slopes = act_args(act, c, x.dtype)
     count = torch.empty(n, h, w, dtype=torch.int32)
     total = torch.empty(n, h, w, dtype=torch.float64)
-    if channels_last(x):
-        jit.pixel_stats_nhwc(_nhwc(x), kind, slopes, count.numpy(), total.numpy())
-    else:
-        jit.pixel_stats_nchw(_nchw(x), kind, slopes, count.numpy(), total.numpy())
+    kernel, xv = ((jit.pixel_stats_nhwc, _nhwc(x)) if channels_last(x)
+                  else (jit.pixel_stats_nchw, _nchw(x)))
+    cv, tv = count.numpy(), total.numpy()
+    run_rows(lambda lo, hi: kernel(xv, kind, slopes, cv, tv, lo, hi), n * h)
     return count, total
 
 
@@ -244,16 +249,18 @@ def gather(x: torch.Tensor, act, origin: np.ndarray, out: torch.Tensor) -> None:
     ``origin[g]`` = (n, top, left) of out's spatial size; ``out``: (G, C, rows, cols)
     channels-last."""
     kind, slopes = act_args(act, x.shape[1], x.dtype)
-    if channels_last(x):
-        _compiled().gather_nhwc(_nhwc(x), kind, slopes, origin, _nhwc(out))
-    else:
-        _compiled().gather_nchw(_nchw(x), kind, slopes, origin, _nhwc(out))
+    jit = _compiled()
+    kernel, xv = (jit.gather_nhwc, _nhwc(x)) if channels_last(x) else (jit.gather_nchw, _nchw(x))
+    ov = _nhwc(out)
+    run_rows(lambda lo, hi: kernel(xv, kind, slopes, origin, ov, lo, hi),
+             out.shape[0] * out.shape[2])
 
 
 def fill_outside(y: torch.Tensor, spans: np.ndarray, nan_count: torch.Tensor) -> None:
     """NaN in channels-last ``y`` (N, C_out, Ho, Wo) outside each row's column span ``spans``
     (N, Ho, 2), inclusive; ``nan_count`` (N, Ho, Wo) = C_out there."""
-    _compiled().fill_outside(_nhwc(y), spans, nan_count.numpy())
+    yv, cv, kernel = _nhwc(y), nan_count.numpy(), _compiled().fill_outside
+    run_rows(lambda lo, hi: kernel(yv, spans, cv, lo, hi), y.shape[0] * y.shape[2])
 
 
 def write_bands(
@@ -283,10 +290,11 @@ def write_bands(
     post_kind, post_slopes = act_args(post, cout, y.dtype)
     yv = _nhwc(y)
     other = _nhwc(partner) if partner is not None else yv
-    return int(_compiled().write_bands(
-        yv, _nhwc(bands), rects, skip.numpy(), partial.numpy(), mean.numpy(), add_mean,
-        x.detach().numpy(), count.numpy(), wt, *g[0], *g[1], *g[2], *g[3], pre_kind, pre_slopes,
-        post_kind, post_slopes, partner is not None, other, nan_count.numpy()))
+    args = (yv, _nhwc(bands), rects, skip.numpy(), partial.numpy(), mean.numpy(), add_mean,
+            x.detach().numpy(), count.numpy(), wt, *g[0], *g[1], *g[2], *g[3], pre_kind,
+            pre_slopes, post_kind, post_slopes, partner is not None, other, nan_count.numpy())
+    kernel = _compiled().write_bands
+    return run_rows(lambda lo, hi: kernel(*args, lo, hi), len(rects) * bands.shape[2])
 
 
 def tap_weights(weight: torch.Tensor) -> np.ndarray:
@@ -304,8 +312,9 @@ def post_ops(y: torch.Tensor, post, partner: torch.Tensor | None,
     kind, slopes = act_args(post, y.shape[1], y.dtype)
     yv = _nhwc(y)
     other = _nhwc(partner) if partner is not None else yv
-    return int(_compiled().post_ops(yv, kind, slopes, partner is not None, other,
-                                    nan_count.numpy()))
+    args = (yv, kind, slopes, partner is not None, other, nan_count.numpy())
+    kernel = _compiled().post_ops
+    return run_rows(lambda lo, hi: kernel(*args, lo, hi), y.shape[0] * y.shape[2])
 
 
 def noisy_max_partial(

@@ -205,7 +205,7 @@ def _in_window(idx, r_lo, r_hi, c_lo, c_hi, w):
 
 @njit(cache=True, nogil=True)
 def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays, has_max, partner,
-                         nan_count):
+                         nan_count, lo, hi):
     """Non-overlapping windows (kh <= sh, kw <= sw), channels-last: one pass by pooled rows.
 
     Pooled row i owns output rows [i*sh - ph, (i+1)*sh - ph) (the first and last also the
@@ -215,18 +215,19 @@ def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays, h
     ``max_unpool_nhwc_strays`` writes them afterwards. With ``has_max`` the finished rows become
     ``maximum(out, partner)`` (partner (N, H, W, C)) while still in cache, and ``nan_count``
     (N, H, W) receives their NaN entries per pixel (only valid when no strays were found).
-    Returns the number of infinite entries of the maximum.
+    Returns the number of infinite entries of the maximum. Pooled rows q = n * Ho + i in
+    [lo, hi).
     """
     n_, ho, wo, c_ = values.shape
     h, w = out.shape[1], out.shape[2]
     infs = 0
-    for q in prange(n_ * ho):
+    for q in range(lo, hi):
         i = q % ho
         n = q // ho
         top = i * sh - ph
-        lo = 0 if i == 0 else max(top, 0)
-        hi = h if i == ho - 1 else min(top + sh, h)
-        for r in range(lo, hi):
+        first = 0 if i == 0 else max(top, 0)
+        end = h if i == ho - 1 else min(top + sh, h)
+        for r in range(first, end):
             out[n, r] = 0.0
         r_lo = max(top, 0)
         r_hi = min(top + kh, h)
@@ -248,7 +249,7 @@ def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays, h
                             out[n, r, col, c] = np.nan
         strays[n, i] = count
         if has_max:
-            for r in range(lo, hi):
+            for r in range(first, end):
                 infs += _maximum_row(out[n, r], partner[n, r], nan_count[n, r])
     return infs
 
@@ -331,41 +332,42 @@ def _maximum_row(row, other, nan_count):
 
 
 @njit(cache=True, nogil=True)
-def pixel_stats_nchw(x, kind, slopes, count, total):
+def pixel_stats_nchw(x, kind, slopes, count, total, lo, hi):
     """x: (N, C, H, W); count, total: (N, H, W) NaN entries and sum of numbers per pixel of
-    ``act(x)`` (``kind``, ``slopes`` (C,): see ``_act``)."""
+    ``act(x)`` (``kind``, ``slopes`` (C,): see ``_act``), for the rows q = n * H + r in
+    [lo, hi)."""
     n_, c_, h, w = x.shape
-    for n in range(n_):
-        for r in range(h):
-            cnt = count[n, r]
-            tot = total[n, r]
-            cnt[:] = 0
-            tot[:] = 0.0
-            for c in range(c_):
-                s = slopes[c]
-                for col in range(w):
-                    v = _act(x[n, c, r, col], kind, s)
-                    nan = v != v
-                    cnt[col] += nan
-                    tot[col] += 0.0 if nan else v
+    for q in range(lo, hi):
+        n, r = q // h, q % h
+        cnt = count[n, r]
+        tot = total[n, r]
+        cnt[:] = 0
+        tot[:] = 0.0
+        for c in range(c_):
+            s = slopes[c]
+            for col in range(w):
+                v = _act(x[n, c, r, col], kind, s)
+                nan = v != v
+                cnt[col] += nan
+                tot[col] += 0.0 if nan else v
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def pixel_stats_nhwc(x, kind, slopes, count, total):
+def pixel_stats_nhwc(x, kind, slopes, count, total, lo, hi):
     """x: (N, H, W, C); count, total: (N, H, W). Reassociation lets the channel sums vectorise."""
     n_, h, w, c_ = x.shape
-    for n in range(n_):
-        for r in range(h):
-            for col in range(w):
-                cnt = 0
-                tot = 0.0
-                for c in range(c_):
-                    v = _act(x[n, r, col, c], kind, slopes[c])
-                    nan = v != v
-                    cnt += nan
-                    tot += 0.0 if nan else v
-                count[n, r, col] = cnt
-                total[n, r, col] = tot
+    for q in range(lo, hi):
+        n, r = q // h, q % h
+        for col in range(w):
+            cnt = 0
+            tot = 0.0
+            for c in range(c_):
+                v = _act(x[n, r, col, c], kind, slopes[c])
+                nan = v != v
+                cnt += nan
+                tot += 0.0 if nan else v
+            count[n, r, col] = cnt
+            total[n, r, col] = tot
 
 
 @njit(cache=True, nogil=True)
@@ -465,53 +467,54 @@ def partial_means(x, kind, slopes, count, partial, kh, kw, sh, sw, ph, pw, dh, d
 
 
 @njit(cache=True, nogil=True)
-def gather_nchw(x, kind, slopes, origin, out):
+def gather_nchw(x, kind, slopes, origin, out, lo, hi):
     """``out[g]`` (rows, cols, C) = ``act(x)`` (N, C, H, W) with NaN -> 0 over the input window
     of rows [top, top + rows) and cols [left, left + cols) of item n, (n, top, left) =
-    ``origin[g]``; entries outside the map are 0 (zero padding)."""
-    g_, rows, cols, c_ = out.shape
+    ``origin[g]``; entries outside the map are 0 (zero padding). Output rows q = g * rows + rr
+    in [lo, hi)."""
+    rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
     h, w = x.shape[2], x.shape[3]
-    for g in range(g_):
+    for q in range(lo, hi):
+        g, rr = q // rows, q % rows
         n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
-        lo = min(max(-left, 0), cols)
-        hi = max(min(w - left, cols), lo)
-        for rr in range(rows):
-            r = top + rr
-            dst = out[g, rr]
-            if r < 0 or r >= h:
-                dst[:, :] = 0.0
-                continue
-            dst[:lo, :] = 0.0
-            dst[hi:, :] = 0.0
-            for c in range(c_):
-                s = slopes[c]
-                for cc in range(lo, hi):
-                    v = _act(x[n, c, r, left + cc], kind, s)
-                    dst[cc, c] = 0.0 if v != v else v
+        c_lo = min(max(-left, 0), cols)
+        c_hi = max(min(w - left, cols), c_lo)
+        r = top + rr
+        dst = out[g, rr]
+        if r < 0 or r >= h:
+            dst[:, :] = 0.0
+            continue
+        dst[:c_lo, :] = 0.0
+        dst[c_hi:, :] = 0.0
+        for c in range(c_):
+            s = slopes[c]
+            for cc in range(c_lo, c_hi):
+                v = _act(x[n, c, r, left + cc], kind, s)
+                dst[cc, c] = 0.0 if v != v else v
 
 
 @njit(cache=True, nogil=True)
-def gather_nhwc(x, kind, slopes, origin, out):
+def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
     """``gather_nchw`` for x: (N, H, W, C)."""
-    g_, rows, cols, c_ = out.shape
+    rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
     h, w = x.shape[1], x.shape[2]
-    for g in range(g_):
+    for q in range(lo, hi):
+        g, rr = q // rows, q % rows
         n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
-        lo = min(max(-left, 0), cols)
-        hi = max(min(w - left, cols), lo)
-        for rr in range(rows):
-            r = top + rr
-            dst = out[g, rr]
-            if r < 0 or r >= h:
-                dst[:, :] = 0.0
-                continue
-            dst[:lo, :] = 0.0
-            dst[hi:, :] = 0.0
-            src = x[n, r]
-            for cc in range(lo, hi):
-                for c in range(c_):
-                    v = _act(src[left + cc, c], kind, slopes[c])
-                    dst[cc, c] = 0.0 if v != v else v
+        c_lo = min(max(-left, 0), cols)
+        c_hi = max(min(w - left, cols), c_lo)
+        r = top + rr
+        dst = out[g, rr]
+        if r < 0 or r >= h:
+            dst[:, :] = 0.0
+            continue
+        dst[:c_lo, :] = 0.0
+        dst[c_hi:, :] = 0.0
+        src = x[n, r]
+        for cc in range(c_lo, c_hi):
+            for c in range(c_):
+                v = _act(src[left + cc, c], kind, slopes[c])
+                dst[cc, c] = 0.0 if v != v else v
 
 
 @njit(cache=True, nogil=True)
@@ -545,24 +548,25 @@ def band_rects(skip, band_rows, rects):
 
 
 @njit(cache=True, nogil=True)
-def fill_outside(y, spans, nan_count):
+def fill_outside(y, spans, nan_count, lo, hi):
     """NaN in y (N, Ho, Wo, C_out) outside each row's computed column span ``spans`` (N, Ho, 2)
-    (inclusive; c0 > c1 for a row computed nowhere); ``nan_count`` (N, Ho, Wo) = C_out there."""
-    n_, ho, wo, cout = y.shape
-    for n in range(n_):
-        for i in range(ho):
-            c0 = min(max(spans[n, i, 0], 0), wo)
-            c1 = max(min(spans[n, i, 1], wo - 1), c0 - 1)
-            y[n, i, :c0, :] = np.nan
-            y[n, i, c1 + 1 :, :] = np.nan
-            nan_count[n, i, :c0] = cout
-            nan_count[n, i, c1 + 1 :] = cout
+    (inclusive; c0 > c1 for a row computed nowhere); ``nan_count`` (N, Ho, Wo) = C_out there.
+    Rows q = n * Ho + i in [lo, hi)."""
+    ho, wo, cout = y.shape[1], y.shape[2], y.shape[3]
+    for q in range(lo, hi):
+        n, i = q // ho, q % ho
+        c0 = min(max(spans[n, i, 0], 0), wo)
+        c1 = max(min(spans[n, i, 1], wo - 1), c0 - 1)
+        y[n, i, :c0, :] = np.nan
+        y[n, i, c1 + 1 :, :] = np.nan
+        nan_count[n, i, :c0] = cout
+        nan_count[n, i, c1 + 1 :] = cout
 
 
 @njit(cache=True, nogil=True)
 def write_bands(y, bands, rects, skip, partial, mean, add_mean, x, count, wt, kh, kw, sh, sw, ph,
                 pw, dh, dw, pre_kind, pre_slopes, post_kind, post_slopes, has_max, partner,
-                nan_count):
+                nan_count, lo, hi):
     """Write the band results into the output, finishing every position in one pass.
 
     y: (N, Ho, Wo, C_out); bands: (G, rows, cols, C_out) = conv(act(x) with NaN -> 0) + bias
@@ -573,90 +577,92 @@ def write_bands(y, bands, rects, skip, partial, mean, add_mean, x, count, wt, kh
     (``post_kind``/``post_slopes``) and, with ``has_max``, ``maximum(value, partner)`` (partner
     (N, Ho, Wo, C_out)). x: (N, C_in, H, W) any layout; count: (N, H, W) NaN entries per pixel
     of act(x); wt: (kH, kW, C_in + 1, C_out) weights, the last row their sum over C_in.
-    ``nan_count`` (N, Ho, Wo) receives the output's NaN entries per position. Returns the number
-    of infinite output entries.
+    ``nan_count`` (N, Ho, Wo) receives the output's NaN entries per position. Rectangle rows
+    q = g * rows + k in [lo, hi) (every rectangle has ``rows`` rows). Returns the number of
+    infinite output entries.
     """
-    g_ = rects.shape[0]
+    rows = bands.shape[1]
     cout = y.shape[3]
     cin, h, w = x.shape[1], x.shape[2], x.shape[3]
     acc = np.zeros(cout, np.float64)
     rounded = np.empty(1, y.dtype)
     infs = 0
     m = 0.0
-    for g in range(g_):
-        n, r0, r1, c0, c1 = rects[g, 0], rects[g, 1], rects[g, 2], rects[g, 3], rects[g, 4]
-        for i in range(r0, r1 + 1):
-            for j in range(c0, c1 + 1):
-                if skip[n, i, j]:
-                    y[n, i, j, :] = np.nan
-                    nan_count[n, i, j] = cout
-                    continue
-                fill = add_mean and partial[n, i, j]
-                if fill:
-                    acc[:] = 0.0
-                    for di in range(kh):
-                        r = i * sh - ph + di * dh
-                        if r < 0 or r >= h:
+    for q in range(lo, hi):
+        g = q // rows
+        n, r0, c0, c1 = rects[g, 0], rects[g, 1], rects[g, 3], rects[g, 4]
+        i = r0 + q % rows
+        for j in range(c0, c1 + 1):
+            if skip[n, i, j]:
+                y[n, i, j, :] = np.nan
+                nan_count[n, i, j] = cout
+                continue
+            fill = add_mean and partial[n, i, j]
+            if fill:
+                acc[:] = 0.0
+                for di in range(kh):
+                    r = i * sh - ph + di * dh
+                    if r < 0 or r >= h:
+                        continue
+                    for dj in range(kw):
+                        col = j * sw - pw + dj * dw
+                        if col < 0 or col >= w:
                             continue
-                        for dj in range(kw):
-                            col = j * sw - pw + dj * dw
-                            if col < 0 or col >= w:
-                                continue
-                            nans = count[n, r, col]
-                            if nans == 0:
-                                continue
-                            if nans == cin:
+                        nans = count[n, r, col]
+                        if nans == 0:
+                            continue
+                        if nans == cin:
+                            for co in range(cout):
+                                acc[co] += wt[di, dj, cin, co]
+                            continue
+                        for c in range(cin):
+                            v = _act(x[n, c, r, col], pre_kind, pre_slopes[c])
+                            if v != v:
                                 for co in range(cout):
-                                    acc[co] += wt[di, dj, cin, co]
-                                continue
-                            for c in range(cin):
-                                v = _act(x[n, c, r, col], pre_kind, pre_slopes[c])
-                                if v != v:
-                                    for co in range(cout):
-                                        acc[co] += wt[di, dj, c, co]
-                    m = mean[n, i, j]
-                band = bands[g, i - r0, j - c0]
-                nans = 0
-                for co in range(cout):
-                    v = band[co]
-                    if fill:
-                        rounded[0] = v + m * acc[co]
-                        v = rounded[0]
-                    v = _act(v, post_kind, post_slopes[co])
-                    if has_max:
-                        p = partner[n, i, j, co]
-                        v = v if v != v or v >= p else p
-                    y[n, i, j, co] = v
-                    nans += v != v
-                    infs += abs(v) == np.inf
-                nan_count[n, i, j] = nans
+                                    acc[co] += wt[di, dj, c, co]
+                m = mean[n, i, j]
+            band = bands[g, i - r0, j - c0]
+            nans = 0
+            for co in range(cout):
+                v = band[co]
+                if fill:
+                    rounded[0] = v + m * acc[co]
+                    v = rounded[0]
+                v = _act(v, post_kind, post_slopes[co])
+                if has_max:
+                    p = partner[n, i, j, co]
+                    v = v if v != v or v >= p else p
+                y[n, i, j, co] = v
+                nans += v != v
+                infs += abs(v) == np.inf
+            nan_count[n, i, j] = nans
     return infs
 
 
 @njit(cache=True, nogil=True)
-def post_ops(y, post_kind, post_slopes, has_max, partner, nan_count):
+def post_ops(y, post_kind, post_slopes, has_max, partner, nan_count, lo, hi):
     """In place on y (N, H, W, C): the activation, then (``has_max``) ``maximum(y, partner)``;
-    ``nan_count`` (N, H, W) receives the NaN entries per pixel. Returns the number of infinite
-    entries."""
-    n_, h, w, c_ = y.shape
+    ``nan_count`` (N, H, W) receives the NaN entries per pixel. Rows q = n * H + r in
+    [lo, hi). Returns the number of infinite entries."""
+    h, w, c_ = y.shape[1], y.shape[2], y.shape[3]
     infs = 0
-    for n in range(n_):
-        for r in range(h):
-            row = y[n, r]
-            if post_kind != 0:
-                for col in range(w):
-                    for c in range(c_):
-                        row[col, c] = _act(row[col, c], post_kind, post_slopes[c])
-            if has_max:
-                infs += _maximum_row(row, partner[n, r], nan_count[n, r])
-                continue
+    for q in range(lo, hi):
+        n, r = q // h, q % h
+        row = y[n, r]
+        if post_kind != 0:
             for col in range(w):
-                nans = 0
                 for c in range(c_):
-                    v = row[col, c]
-                    nans += v != v
-                    infs += abs(v) == np.inf
-                nan_count[n, r, col] = nans
+                    row[col, c] = _act(row[col, c], post_kind, post_slopes[c])
+        if has_max:
+            infs += _maximum_row(row, partner[n, r], nan_count[n, r])
+            continue
+        for col in range(w):
+            nans = 0
+            for c in range(c_):
+                v = row[col, c]
+                nans += v != v
+                infs += abs(v) == np.inf
+            nan_count[n, r, col] = nans
     return infs
 
 
