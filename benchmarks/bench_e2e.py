@@ -7,7 +7,7 @@ Baselines, all on coronal slices of the bundled brain, measured side by side in 
 - (a) the model as given (NCHW);
 - (b) the same model in channels-last layout (oneDNN's faster layout);
 - (c) channels-last with every batch norm folded into its convolution (a standard inference
-  step, ``nanprobe.ops._graph_fusion.fold_batch_norms``);
+  step, ``nanprobe.ops.fold_batch_norms``);
 - (d) ``torch.compile`` of (c) (inductor, CPU), where it works; its failure is reported;
 
 against the nanified model (``nanify`` at the recommended thresholds, which fuses each NaN
@@ -67,8 +67,7 @@ from nanprobe.evaluate import (
 from nanprobe.inputs import prepare_input
 from nanprobe.models.fastsurfer import FastSurferVINN
 from nanprobe.models.registry import load
-from nanprobe.ops import nanify, skip_stats
-from nanprobe.ops._graph_fusion import fold_batch_norms
+from nanprobe.ops import fold_batch_norms, nanify, skip_stats
 
 
 def recommended_thresholds(path: str | None) -> dict:

@@ -173,6 +173,9 @@ class NanConv2d(nn.Conv2d, SkipCounter):
         batch_norm: nn.Module | None = None,
         post_activation: nn.Module | str | None = None,
     ) -> torch.Tensor:  # noqa: D102 - see class docstring
+        for name, act in (("pre_activation", pre_activation), ("post_activation", post_activation)):
+            if isinstance(act, str) and act != "relu":
+                raise ValueError(f"{name} must be a module or 'relu', got {act!r}")
         pre, post = activation(pre_activation), activation(post_activation)
         parts = (pre_activation, batch_norm, post_activation)
         if (any(isinstance(m, nn.Module) and m.training for m in parts)
