@@ -193,9 +193,11 @@ def test_fusion_keeps_structure_and_reports_what_it_absorbed():
 
 @pytest.mark.parametrize("tie_limit", [None, 1])
 def test_fused_model_equals_unfused(kernels, tie_limit):
+    # exact ties only (the constant background): folding batch norm changes the last bits, so
+    # ties within a tolerance may flip between the two models
     x = torch.cat([brain_like(64), brain_like(64).flip(-1)])
-    fused = nanify(small_vinn(), tie_limit=tie_limit, nan_threshold=0.5)
-    plain = nanify(small_vinn(), tie_limit=tie_limit, nan_threshold=0.5, fuse=False)
+    fused = nanify(small_vinn(), tie_limit=tie_limit, tie_eps=0.0, nan_threshold=0.5)
+    plain = nanify(small_vinn(), tie_limit=tie_limit, tie_eps=0.0, nan_threshold=0.5, fuse=False)
     with torch.no_grad():
         got, expected = fused(x), plain(x)
     _close(got, expected)

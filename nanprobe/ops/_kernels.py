@@ -81,6 +81,19 @@ def _nchw(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (4-D) in channels-last memory (a copy only if it is not): the kernels read
+    C-contiguous (N, H, W, C) views."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(
+        memory_format=torch.channels_last)
+
+
+def _dummy(like: np.ndarray) -> np.ndarray:
+    """A tiny array of ``like``'s type standing for an absent argument (never ``like`` itself:
+    an argument that may alias the output keeps the compiler from vectorising)."""
+    return np.zeros((1,) * like.ndim, like.dtype)
+
+
 def channels_last(t: torch.Tensor) -> bool:
     """Whether ``t`` (4-D) is laid out channels-last rather than contiguous NCHW."""
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -153,7 +166,7 @@ def max_unpool(
         else:
             strays = np.empty((n, values.shape[2]), np.int64)
             fused = partner is not None
-            other = _nhwc(partner) if fused else args[-1]
+            other = _nhwc(_cl(partner)) if fused else _dummy(args[-1])
             counts = count.numpy() if fused else np.empty((1, 1, 1), np.int32)
             rows = n * values.shape[2]
             infs = run_rows(lambda lo, hi: jit.max_unpool_nhwc_rows(
@@ -169,21 +182,19 @@ def max_unpool(
         bad = int(jit.max_unpool_nchw(_nchw(values), _nchw(indices), *k, *s, *p, out.numpy()))
     if partner is None:
         return out, bad, None, False
-    infs = post_ops(out, None, partner, count)
+    out, infs = post_ops(out, None, partner, count)
     return out, bad, count, infs == 0
 
 
 def pixel_stats(x: torch.Tensor, act=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pixel of ``act(x)`` ((N, C, H, W) ``x``, ``act`` None or an activation): NaN entries
-    over the channels (int32) and the sum of the numbers (float64), both (N, H, W), in one pass
-    over ``x``."""
-    jit = _compiled()
+    """Per pixel of ``act(x)`` ((N, C, H, W) channels-last ``x``, ``act`` None or an
+    activation): NaN entries over the channels (int32) and the sum of the numbers (float64),
+    both (N, H, W), in one pass over ``x``."""
     n, c, h, w = x.shape
     kind, slopes = act_args(act, c, x.dtype)
     count = torch.empty(n, h, w, dtype=torch.int32)
     total = torch.empty(n, h, w, dtype=torch.float64)
-    kernel, xv = ((jit.pixel_stats_nhwc, _nhwc(x)) if channels_last(x)
-                  else (jit.pixel_stats_nchw, _nchw(x)))
+    kernel, xv = _compiled().pixel_stats_nhwc, _nhwc(x)
     cv, tv = count.numpy(), total.numpy()
     run_rows(lambda lo, hi: kernel(xv, kind, slopes, cv, tv, lo, hi), n * h)
     return count, total
@@ -228,9 +239,10 @@ def partial_means(
     count_padding: bool,
 ) -> None:
     """Fill ``mean`` (N, Ho, Wo) float64 at the ``partial`` positions with the mean of the
-    window's numbers of ``act(x)``; ``count``: (N, H, W) NaN entries per pixel."""
+    window's numbers of ``act(x)`` (channels-last ``x``); ``count``: (N, H, W) NaN entries per
+    pixel."""
     kind, slopes = act_args(act, x.shape[1], x.dtype)
-    _compiled().partial_means(x.detach().numpy(), kind, slopes, count.numpy(), partial.numpy(),
+    _compiled().partial_means(_nhwc(x), kind, slopes, count.numpy(), partial.numpy(),
                               *k, *s, *p, *d, count_padding, mean.numpy())
 
 
@@ -246,12 +258,10 @@ def band_rects(skip: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, 
 
 def gather(x: torch.Tensor, act, origin: np.ndarray, out: torch.Tensor) -> None:
     """``out[g]`` = ``act(x)`` with NaN -> 0 (zero outside the map) over the input window at
-    ``origin[g]`` = (n, top, left) of out's spatial size; ``out``: (G, C, rows, cols)
+    ``origin[g]`` = (n, top, left) of out's spatial size; ``x`` and ``out`` (G, C, rows, cols)
     channels-last."""
     kind, slopes = act_args(act, x.shape[1], x.dtype)
-    jit = _compiled()
-    kernel, xv = (jit.gather_nhwc, _nhwc(x)) if channels_last(x) else (jit.gather_nchw, _nchw(x))
-    ov = _nhwc(out)
+    kernel, xv, ov = _compiled().gather_nhwc, _nhwc(x), _nhwc(out)
     run_rows(lambda lo, hi: kernel(xv, kind, slopes, origin, ov, lo, hi),
              out.shape[0] * out.shape[2])
 
@@ -281,7 +291,8 @@ def write_bands(
     nan_count: torch.Tensor | None = None,
 ) -> int:
     """Finish the positions of the output rectangles ``rects`` (G, 5) = (n, r0, r1, c0, c1) of
-    channels-last ``y`` from the band results ``bands`` (G, C_out, rows, cols): NaN where
+    channels-last ``y`` from the band results ``bands`` (G, C_out, rows, cols), channels-last
+    (not overlapping ``y``): NaN where
     skipped, the mean fill's term at partial positions (``add_mean``), the post-activation and
     the maximum with ``partner``. ``g``: (k, s, p, d) pairs; ``wt`` from :func:`tap_weights`.
     Fills ``nan_count`` (N, Ho, Wo); returns the number of infinite output entries."""
@@ -289,9 +300,9 @@ def write_bands(
     pre_kind, pre_slopes = act_args(pre, x.shape[1], x.dtype)
     post_kind, post_slopes = act_args(post, cout, y.dtype)
     yv = _nhwc(y)
-    other = _nhwc(partner) if partner is not None else yv
-    args = (yv, _nhwc(bands), rects, skip.numpy(), partial.numpy(), mean.numpy(), add_mean,
-            x.detach().numpy(), count.numpy(), wt, *g[0], *g[1], *g[2], *g[3], pre_kind,
+    other = _nhwc(_cl(partner)) if partner is not None else _dummy(yv)
+    args = (yv, _nhwc(_cl(bands)), rects, skip.numpy(), partial.numpy(), mean.numpy(), add_mean,
+            _nhwc(x), count.numpy(), wt, *g[0], *g[1], *g[2], *g[3], pre_kind,
             pre_slopes, post_kind, post_slopes, partner is not None, other, nan_count.numpy())
     kernel = _compiled().write_bands
     return run_rows(lambda lo, hi: kernel(*args, lo, hi), len(rects) * bands.shape[2])
@@ -304,17 +315,19 @@ def tap_weights(weight: torch.Tensor) -> np.ndarray:
     return torch.cat([wt, wt.sum(2, keepdim=True)], 2).contiguous().numpy()
 
 
-def post_ops(y: torch.Tensor, post, partner: torch.Tensor | None,
-             nan_count: torch.Tensor) -> int:
-    """In place on (N, C, H, W) ``y``: the activation ``post`` (or None), then the maximum with
-    ``partner`` (or None); ``nan_count`` (N, H, W) int32 receives the NaN entries per pixel.
-    Returns the number of infinite entries."""
-    kind, slopes = act_args(post, y.shape[1], y.dtype)
-    yv = _nhwc(y)
-    other = _nhwc(partner) if partner is not None else yv
-    args = (yv, kind, slopes, partner is not None, other, nan_count.numpy())
+def post_ops(src: torch.Tensor, post, partner: torch.Tensor | None,
+             nan_count: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A new channels-last (N, C, H, W) tensor holding the activation ``post`` (or None) of
+    ``src``, then its maximum with ``partner`` (or None); ``nan_count`` (N, H, W) int32
+    receives its NaN entries per pixel. Returns it and the number of infinite entries."""
+    src = _cl(src)
+    out = torch.empty_like(src, memory_format=torch.channels_last)
+    kind, slopes = act_args(post, src.shape[1], src.dtype)
+    sv, ov = _nhwc(src), _nhwc(out)
+    other = _nhwc(_cl(partner)) if partner is not None else _dummy(sv)
+    args = (sv, ov, kind, slopes, partner is not None, other, nan_count.numpy())
     kernel = _compiled().post_ops
-    return run_rows(lambda lo, hi: kernel(*args, lo, hi), y.shape[0] * y.shape[2])
+    return out, run_rows(lambda lo, hi: kernel(*args, lo, hi), src.shape[0] * src.shape[2])
 
 
 def noisy_max_partial(

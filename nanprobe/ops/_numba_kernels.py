@@ -203,7 +203,7 @@ def _in_window(idx, r_lo, r_hi, c_lo, c_hi, w):
     return inside, r, col
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
 def max_unpool_nhwc_rows(values, indices, kh, kw, sh, sw, ph, pw, out, strays, has_max, partner,
                          nan_count, lo, hi):
     """Non-overlapping windows (kh <= sh, kw <= sw), channels-last: one pass by pooled rows.
@@ -302,10 +302,11 @@ def max_unpool_nhwc_strays(values, indices, kh, kw, sh, sw, ph, pw, out, strays)
 
 @njit(inline="always")
 def _act(v, kind, slope):
-    """Activation of one value: ``kind`` 0 identity, 1 ReLU, 2 PReLU / LeakyReLU with ``slope``
-    (``v`` if v > 0 else slope * v). NaN stays NaN and ReLU(-inf) is 0, as in torch."""
+    """Activation of one value: ``kind`` 0 identity, 1 ReLU (``slope`` is then 0, of v's
+    type), 2 PReLU / LeakyReLU with ``slope`` (``v`` if v > 0 else slope * v). NaN stays NaN
+    and ReLU(-inf) is 0, as in torch."""
     if kind == 1:
-        return v if v > 0 or v != v else 0.0
+        return v if v > 0 or v != v else slope
     if kind == 2:
         return v if v > 0 else slope * v
     return v
@@ -314,47 +315,20 @@ def _act(v, kind, slope):
 @njit(inline="always")
 def _maximum_row(row, other, nan_count):
     """In place ``row = maximum(row, other)`` (NaN if either is NaN, as ``torch.maximum``) over
-    one row of pixels (W, C); ``nan_count`` (W,) receives the NaN entries per pixel. Returns the
-    number of infinite entries."""
-    w, c_ = row.shape
-    infs = 0
-    for col in range(w):
-        nans = 0
-        for c in range(c_):
-            v = row[col, c]
-            p = other[col, c]
-            v = v if v != v or v >= p else p  # p NaN: v >= p is False, so v = p (NaN)
-            row[col, c] = v
-            nans += v != v
-            infs += abs(v) == np.inf
-        nan_count[col] = nans
-    return infs
-
-
-@njit(cache=True, nogil=True)
-def pixel_stats_nchw(x, kind, slopes, count, total, lo, hi):
-    """x: (N, C, H, W); count, total: (N, H, W) NaN entries and sum of numbers per pixel of
-    ``act(x)`` (``kind``, ``slopes`` (C,): see ``_act``), for the rows q = n * H + r in
-    [lo, hi)."""
-    n_, c_, h, w = x.shape
-    for q in range(lo, hi):
-        n, r = q // h, q % h
-        cnt = count[n, r]
-        tot = total[n, r]
-        cnt[:] = 0
-        tot[:] = 0.0
-        for c in range(c_):
-            s = slopes[c]
-            for col in range(w):
-                v = _act(x[n, c, r, col], kind, s)
-                nan = v != v
-                cnt[col] += nan
-                tot[col] += 0.0 if nan else v
+    one C-contiguous row of pixels (W, C); ``nan_count`` (W,) receives the NaN entries per
+    pixel. Returns the number of infinite entries."""
+    flat = row.reshape(-1)
+    if _maximum_flat(flat, other.reshape(-1), np.zeros(1, row.dtype)[0]):
+        nan_count[:] = 0
+        return 0
+    return _recount(flat, nan_count, row.shape[1])
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
 def pixel_stats_nhwc(x, kind, slopes, count, total, lo, hi):
-    """x: (N, H, W, C); count, total: (N, H, W). Reassociation lets the channel sums vectorise."""
+    """x: (N, H, W, C); count, total: (N, H, W) NaN entries and sum of numbers per pixel of
+    ``act(x)`` (``kind``, ``slopes`` (C,): see ``_act``), for the rows q = n * H + r in
+    [lo, hi). Reassociation lets the channel sums vectorise."""
     n_, h, w, c_ = x.shape
     for q in range(lo, hi):
         n, r = q // h, q % h
@@ -427,14 +401,14 @@ def window_layout(count, total, has_total, kh, kw, sh, sw, ph, pw, dh, dw, chann
     return skipped, partials
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
 def partial_means(x, kind, slopes, count, partial, kh, kw, sh, sw, ph, pw, dh, dw,
                   count_padding, mean):
     """``mean`` (N, Ho, Wo) at the partial positions only: the mean of the window's numbers of
-    ``act(x)``, x: (N, C, H, W) in any memory layout, ``count`` (N, H, W) its NaN entries per
-    pixel. Used when the NaN layout came with the input, so no per-pixel sums exist; pixels
-    that are NaN in every channel are not read."""
-    n_, c_, h, w = x.shape
+    ``act(x)``, x: (N, H, W, C), ``count`` (N, H, W) its NaN entries per pixel. Used when the
+    NaN layout came with the input, so no per-pixel sums exist; pixels that are NaN in every
+    channel are not read."""
+    n_, h, w, c_ = x.shape
     ho, wo = partial.shape[1], partial.shape[2]
     full = c_ * kh * kw
     for n in range(n_):
@@ -458,46 +432,23 @@ def partial_means(x, kind, slopes, count, partial, kh, kw, sh, sw, ph, pw, dh, d
                         nans += cnt
                         if cnt == c_:
                             continue
+                        pixel = x[n, r, col]
                         for c in range(c_):
-                            v = _act(x[n, c, r, col], kind, slopes[c])
-                            if v == v:
-                                tot += v
+                            v = _act(pixel[c], kind, slopes[c])
+                            tot += 0.0 if v != v else v
                 entries = full if count_padding else c_ * taps
                 mean[n, i, j] = tot / max(entries - nans, 1)
 
 
 @njit(cache=True, nogil=True)
-def gather_nchw(x, kind, slopes, origin, out, lo, hi):
-    """``out[g]`` (rows, cols, C) = ``act(x)`` (N, C, H, W) with NaN -> 0 over the input window
-    of rows [top, top + rows) and cols [left, left + cols) of item n, (n, top, left) =
+def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
+    """``out[g]`` (rows, cols, C) = ``act(x)`` (x: (N, H, W, C)) with NaN -> 0 over the input
+    window of rows [top, top + rows) and cols [left, left + cols) of item n, (n, top, left) =
     ``origin[g]``; entries outside the map are 0 (zero padding). Output rows q = g * rows + rr
     in [lo, hi)."""
     rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
-    h, w = x.shape[2], x.shape[3]
-    for q in range(lo, hi):
-        g, rr = q // rows, q % rows
-        n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
-        c_lo = min(max(-left, 0), cols)
-        c_hi = max(min(w - left, cols), c_lo)
-        r = top + rr
-        dst = out[g, rr]
-        if r < 0 or r >= h:
-            dst[:, :] = 0.0
-            continue
-        dst[:c_lo, :] = 0.0
-        dst[c_hi:, :] = 0.0
-        for c in range(c_):
-            s = slopes[c]
-            for cc in range(c_lo, c_hi):
-                v = _act(x[n, c, r, left + cc], kind, s)
-                dst[cc, c] = 0.0 if v != v else v
-
-
-@njit(cache=True, nogil=True)
-def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
-    """``gather_nchw`` for x: (N, H, W, C)."""
-    rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
     h, w = x.shape[1], x.shape[2]
+    zero = np.zeros(1, out.dtype)[0]
     for q in range(lo, hi):
         g, rr = q // rows, q % rows
         n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
@@ -512,9 +463,11 @@ def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
         dst[c_hi:, :] = 0.0
         src = x[n, r]
         for cc in range(c_lo, c_hi):
+            pixel = src[left + cc]
+            out_pixel = dst[cc]
             for c in range(c_):
-                v = _act(src[left + cc, c], kind, slopes[c])
-                dst[cc, c] = 0.0 if v != v else v
+                v = _act(pixel[c], kind, slopes[c])
+                out_pixel[c] = zero if v != v else v
 
 
 @njit(cache=True, nogil=True)
@@ -563,7 +516,117 @@ def fill_outside(y, spans, nan_count, lo, hi):
         nan_count[n, i, c1 + 1 :] = cout
 
 
-@njit(cache=True, nogil=True)
+@njit(inline="always")
+def _count_row(out):
+    """(NaN entries, infinite entries) of one pixel's channels."""
+    nans = 0
+    infs = 0
+    for v in out:
+        nans += v != v
+        infs += abs(v) == np.inf
+    return nans, infs
+
+
+@njit(inline="always")
+def _finish_flat(src, out, kind, slopes, has_max, partner, zero, c_):
+    """``out = maximum(act(src), partner)`` over flat pixels of ``c_`` channels (entry e has
+    channel e % c_; ``out`` must not overlap ``src`` or ``partner``); returns whether every
+    result is finite. One loop per case, without branches inside, so that each vectorises
+    (per-channel slopes: a loop over the channels of each pixel); finiteness comes from a sum
+    of ``v - v`` (0 unless NaN or inf)."""
+    probe = zero
+    size = src.shape[0]
+    if kind == 2 and has_max:
+        for k in range(size // c_):
+            pixel = slice(k * c_, (k + 1) * c_)
+            s_, o_, p_ = src[pixel], out[pixel], partner[pixel]
+            for c in range(c_):
+                v = s_[c]
+                a = slopes[c] * v
+                v = v if v > 0 else a
+                p = p_[c]
+                m = v if v >= p else p
+                m = v if v != v else m
+                o_[c] = m
+                probe += m - m
+    elif kind == 2:
+        for k in range(size // c_):
+            pixel = slice(k * c_, (k + 1) * c_)
+            s_, o_ = src[pixel], out[pixel]
+            for c in range(c_):
+                v = s_[c]
+                a = slopes[c] * v
+                v = v if v > 0 else a
+                o_[c] = v
+                probe += v - v
+    elif kind == 1 and has_max:
+        for e in range(size):
+            v = src[e]
+            v = v if v > 0 or v != v else zero
+            p = partner[e]
+            m = v if v >= p else p
+            m = v if v != v else m
+            out[e] = m
+            probe += m - m
+    elif kind == 1:
+        for e in range(size):
+            v = src[e]
+            v = v if v > 0 or v != v else zero
+            out[e] = v
+            probe += v - v
+    elif has_max:
+        for e in range(size):
+            v = src[e]
+            p = partner[e]
+            m = v if v >= p else p
+            m = v if v != v else m
+            out[e] = m
+            probe += m - m
+    else:
+        for e in range(size):
+            v = src[e]
+            out[e] = v
+            probe += v - v
+    return probe == probe
+
+
+@njit(inline="always")
+def _maximum_flat(buf, partner, zero):
+    """In place ``buf = maximum(buf, partner)``; returns whether every result is finite."""
+    probe = zero
+    for e in range(buf.shape[0]):
+        v = buf[e]
+        p = partner[e]
+        m = v if v >= p else p
+        m = v if v != v else m
+        buf[e] = m
+        probe += m - m
+    return probe == probe
+
+
+@njit(inline="always")
+def _recount(out, nan_count, c_):
+    """NaN entries per pixel of flat ``out`` into ``nan_count``; returns the infinite ones."""
+    infs = 0
+    for k in range(nan_count.shape[0]):
+        pixel_nans, pixel_infs = _count_row(out[k * c_ : (k + 1) * c_])
+        nan_count[k] = pixel_nans
+        infs += pixel_infs
+    return infs
+
+
+@njit(inline="always")
+def _finish_run(src, out, kind, slopes, has_max, partner, nan_count, zero, c_):
+    """``out = maximum(act(src), partner)`` over a run of pixels, flat (pixels * ``c_``);
+    ``nan_count`` (pixels,) receives the NaN entries per pixel (counted pixel by pixel only when
+    the run holds a NaN or an infinity). Returns the number of infinite entries."""
+    if _finish_flat(src, out, kind, slopes, has_max, partner, zero, c_):
+        nan_count[:] = 0
+        return 0
+    return _recount(out, nan_count, c_)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
 def write_bands(y, bands, rects, skip, partial, mean, add_mean, x, count, wt, kh, kw, sh, sw, ph,
                 pw, dh, dw, pre_kind, pre_slopes, post_kind, post_slopes, has_max, partner,
                 nan_count, lo, hi):
@@ -571,34 +634,40 @@ def write_bands(y, bands, rects, skip, partial, mean, add_mean, x, count, wt, kh
 
     y: (N, Ho, Wo, C_out); bands: (G, rows, cols, C_out) = conv(act(x) with NaN -> 0) + bias
     over the output rectangles ``rects`` (G, 5) = (n, r0, r1, c0, c1) (inclusive; band g covers
-    exactly rect g; ``bands`` may be ``y`` itself). Per position of a rectangle: NaN if skipped;
+    exactly rect g). Per position of a rectangle: NaN if skipped;
     else the band value, plus (``add_mean`` at partial positions) mean * (sum of the weights at
     the NaN entries of the window of ``act(x)``), rounded to y's dtype, then the post-activation
     (``post_kind``/``post_slopes``) and, with ``has_max``, ``maximum(value, partner)`` (partner
-    (N, Ho, Wo, C_out)). x: (N, C_in, H, W) any layout; count: (N, H, W) NaN entries per pixel
-    of act(x); wt: (kH, kW, C_in + 1, C_out) weights, the last row their sum over C_in.
-    ``nan_count`` (N, Ho, Wo) receives the output's NaN entries per position. Rectangle rows
-    q = g * rows + k in [lo, hi) (every rectangle has ``rows`` rows). Returns the number of
-    infinite output entries.
+    (N, Ho, Wo, C_out)). y, bands and partner are C-contiguous, y overlapping neither; x: (N, H, W,
+    C_in); count: (N, H, W) NaN entries per pixel of act(x); wt: (kH, kW, C_in + 1, C_out)
+    weights, the last row their sum over C_in. ``nan_count`` (N, Ho, Wo) receives the output's
+    NaN entries per position. Rectangle rows q = g * rows + k in [lo, hi) (every rectangle has
+    ``rows`` rows). Runs of positions that need no fill are finished as one flat loop. Returns
+    the number of infinite output entries.
     """
-    rows = bands.shape[1]
-    cout = y.shape[3]
-    cin, h, w = x.shape[1], x.shape[2], x.shape[3]
+    rows, cols = bands.shape[1], bands.shape[2]
+    ho, wo, cout = y.shape[1], y.shape[2], y.shape[3]
+    cin, h, w = x.shape[3], x.shape[1], x.shape[2]
+    yf, bf = y.reshape(-1), bands.reshape(-1)
+    pf = partner.reshape(-1) if has_max else bf
     acc = np.zeros(cout, np.float64)
-    rounded = np.empty(1, y.dtype)
+    filled = np.empty(cout, y.dtype)
+    zero = np.zeros(1, y.dtype)[0]
     infs = 0
-    m = 0.0
     for q in range(lo, hi):
         g = q // rows
         n, r0, c0, c1 = rects[g, 0], rects[g, 1], rects[g, 3], rects[g, 4]
         i = r0 + q % rows
-        for j in range(c0, c1 + 1):
+        row_out = ((n * ho + i) * wo) * cout
+        row_band = ((g * rows + i - r0) * cols - c0) * cout
+        j = c0
+        while j <= c1:
             if skip[n, i, j]:
-                y[n, i, j, :] = np.nan
+                yf[row_out + j * cout : row_out + (j + 1) * cout] = np.nan
                 nan_count[n, i, j] = cout
+                j += 1
                 continue
-            fill = add_mean and partial[n, i, j]
-            if fill:
+            if add_mean and partial[n, i, j]:
                 acc[:] = 0.0
                 for di in range(kh):
                     r = i * sh - ph + di * dh
@@ -612,57 +681,50 @@ def write_bands(y, bands, rects, skip, partial, mean, add_mean, x, count, wt, kh
                         if nans == 0:
                             continue
                         if nans == cin:
-                            for co in range(cout):
-                                acc[co] += wt[di, dj, cin, co]
+                            acc += wt[di, dj, cin]
                             continue
+                        pixel = x[n, r, col]
                         for c in range(cin):
-                            v = _act(x[n, c, r, col], pre_kind, pre_slopes[c])
+                            v = _act(pixel[c], pre_kind, pre_slopes[c])
                             if v != v:
-                                for co in range(cout):
-                                    acc[co] += wt[di, dj, c, co]
+                                acc += wt[di, dj, c]
                 m = mean[n, i, j]
-            band = bands[g, i - r0, j - c0]
-            nans = 0
-            for co in range(cout):
-                v = band[co]
-                if fill:
-                    rounded[0] = v + m * acc[co]
-                    v = rounded[0]
-                v = _act(v, post_kind, post_slopes[co])
-                if has_max:
-                    p = partner[n, i, j, co]
-                    v = v if v != v or v >= p else p
-                y[n, i, j, co] = v
-                nans += v != v
-                infs += abs(v) == np.inf
-            nan_count[n, i, j] = nans
+                src = bf[row_band + j * cout : row_band + (j + 1) * cout]
+                for co in range(cout):
+                    filled[co] = src[co] + m * acc[co]  # rounded to y's dtype, as unfused
+                at = row_out + j * cout
+                infs += _finish_run(filled, yf[at : at + cout], post_kind, post_slopes, has_max,
+                                    pf[at : at + cout] if has_max else filled,
+                                    nan_count[n, i, j : j + 1], zero, cout)
+                j += 1
+                continue
+            end = j + 1
+            while end <= c1 and not skip[n, i, end] and not (add_mean and partial[n, i, end]):
+                end += 1
+            at, size = row_out + j * cout, (end - j) * cout
+            src = bf[row_band + j * cout : row_band + end * cout]
+            infs += _finish_run(src, yf[at : at + size], post_kind, post_slopes, has_max,
+                                pf[at : at + size] if has_max else src,
+                                nan_count[n, i, j:end], zero, cout)
+            j = end
     return infs
 
 
-@njit(cache=True, nogil=True)
-def post_ops(y, post_kind, post_slopes, has_max, partner, nan_count, lo, hi):
-    """In place on y (N, H, W, C): the activation, then (``has_max``) ``maximum(y, partner)``;
-    ``nan_count`` (N, H, W) receives the NaN entries per pixel. Rows q = n * H + r in
-    [lo, hi). Returns the number of infinite entries."""
-    h, w, c_ = y.shape[1], y.shape[2], y.shape[3]
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def post_ops(src, out, post_kind, post_slopes, has_max, partner, nan_count, lo, hi):
+    """out = (``has_max``) ``maximum(act(src), partner)``, all (N, H, W, C) C-contiguous and
+    not overlapping; ``nan_count`` (N, H, W) receives the NaN entries per pixel. Rows
+    q = n * H + r in [lo, hi). Returns the number of infinite entries."""
+    h, w, c_ = src.shape[1], src.shape[2], src.shape[3]
+    sf, of = src.reshape(-1), out.reshape(-1)
+    pf = partner.reshape(-1) if has_max else sf
+    zero = np.zeros(1, out.dtype)[0]
     infs = 0
     for q in range(lo, hi):
         n, r = q // h, q % h
-        row = y[n, r]
-        if post_kind != 0:
-            for col in range(w):
-                for c in range(c_):
-                    row[col, c] = _act(row[col, c], post_kind, post_slopes[c])
-        if has_max:
-            infs += _maximum_row(row, partner[n, r], nan_count[n, r])
-            continue
-        for col in range(w):
-            nans = 0
-            for c in range(c_):
-                v = row[col, c]
-                nans += v != v
-                infs += abs(v) == np.inf
-            nan_count[n, r, col] = nans
+        row = slice(q * w * c_, (q + 1) * w * c_)
+        infs += _finish_run(sf[row], of[row], post_kind, post_slopes, has_max,
+                            pf[row] if has_max else sf[row], nan_count[n, r], zero, c_)
     return infs
 
 

@@ -267,6 +267,13 @@ def _nan_layout(
                       entries=entries)
 
 
+def _channels_last_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` copied into a channels-last scratch buffer (one torch pass, the transposition the
+    dense NCHW convolution also does), for the kernels, which read channels-last."""
+    n, c, h, w = x.shape
+    return scratch("conv_source", (n, h, w, c), x.dtype, x.device).permute(0, 3, 1, 2).copy_(x)
+
+
 def _scratch_cl(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
     """An uninitialised channels-last (N, C, H, W) tensor for a temporary convolution input, in
     a per-thread buffer (:func:`~nanprobe.ops._scratch.scratch`) valid until the next call."""
@@ -582,7 +589,7 @@ def _kernel_dense(
     y = _dense(x, weight, bias, g)
     if post is not None or maxout is not None:
         count = torch.empty(y.shape[0], *y.shape[2:], dtype=torch.int32)
-        infs = _kernels.post_ops(y, post, maxout, count)
+        y, infs = _kernels.post_ops(y, post, maxout, count)
         _layout.remember(y, count, infs == 0)
     return y
 
@@ -617,6 +624,8 @@ def _kernel_conv(
     cout = weight.shape[0]
     ho, wo = g.out_hw
     carried = _layout.recall(x)
+    if not _kernels.channels_last(x) and x.shape[1] > 1:  # the kernels read channels-last
+        x = _channels_last_copy(x)
     if carried is not None and pre is not None and not (carried.finite or pre.keeps_numbers()):
         carried = None  # a zero slope could turn -inf into NaN: count on the activated input
     count = total = None
@@ -653,10 +662,11 @@ def _kernel_conv(
     if not _banded(x, weight, g, band_area, banded):  # one NaN-free copy, one conv2d
         dense = _scratch_cl(tuple(x.shape), x)
         _kernels.gather(x, pre, np.array([(i, 0, 0) for i in range(n)], np.int64), dense)
-        y = F.conv2d(dense, w_cl, bias, g.s, g.p, g.d)
+        full = F.conv2d(dense, w_cl, bias, g.s, g.p, g.d)
+        y = torch.empty_like(full, memory_format=torch.channels_last)
         whole = np.array([(i, 0, ho - 1, 0, wo - 1) for i in range(n)], np.int64)
-        infs = _kernels.write_bands(y, y, whole, skip, partial, mean, add, x, count, wt, kgeom,
-                                    pre, post_k, maxout_k, nan_count)
+        infs = _kernels.write_bands(y, full, whole, skip, partial, mean, add, x, count, wt,
+                                    kgeom, pre, post_k, maxout_k, nan_count)
         band_area = n * ho * wo
     else:
         y = torch.empty(n, cout, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
@@ -682,7 +692,7 @@ def _kernel_conv(
             noise = _noise(len(where[0]), weight[0].numel(), x, fill, generator)
             _kernels.noisy_max_partial(y, x if pre is None else pre(x), weight, bias, where,
                                        noise, sigma, g.k, g.s, g.p, g.d, count_padding)
-        infs = _kernels.post_ops(y, post, maxout, nan_count)
+        y, infs = _kernels.post_ops(y, post, maxout, nan_count)
     _layout.remember(y, nan_count, infs == 0)
     return y, skipped, partials, band_area
 
