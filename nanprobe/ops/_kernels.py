@@ -21,6 +21,7 @@ import threading
 import numpy as np
 import torch
 
+from ._scratch import scratch
 from ._threads import run_rows
 
 #: environment variable choosing the CPU kernels: "numba" (default) or "torch"
@@ -187,14 +188,16 @@ def max_unpool(
 
 
 def pixel_stats(x: torch.Tensor, act=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pixel of ``act(x)`` ((N, C, H, W) channels-last ``x``, ``act`` None or an
-    activation): NaN entries over the channels (int32) and the sum of the numbers (float64),
-    both (N, H, W), in one pass over ``x``."""
+    """Per pixel of ``act(x)`` ((N, C, H, W) ``x``, ``act`` None or an activation): NaN entries
+    over the channels (int32) and the sum of the numbers (float64), both (N, H, W) in scratch
+    buffers valid until the next call on this thread, in one pass over ``x``."""
     n, c, h, w = x.shape
     kind, slopes = act_args(act, c, x.dtype)
-    count = torch.empty(n, h, w, dtype=torch.int32)
-    total = torch.empty(n, h, w, dtype=torch.float64)
-    kernel, xv = _compiled().pixel_stats_nhwc, _nhwc(x)
+    count = scratch("pixel_nans", (n, h, w), torch.int32)
+    total = scratch("pixel_sums", (n, h, w), torch.float64)
+    jit = _compiled()
+    kernel, xv = ((jit.pixel_stats_nhwc, _nhwc(x)) if channels_last(x)
+                  else (jit.pixel_stats_nchw, _nchw(x)))
     cv, tv = count.numpy(), total.numpy()
     run_rows(lambda lo, hi: kernel(xv, kind, slopes, cv, tv, lo, hi), n * h)
     return count, total
@@ -212,13 +215,14 @@ def window_layout(
     threshold: float,
     count_padding: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """(skip, partial, mean float64), each (N, Ho, Wo), from per-pixel maps, and the numbers
-    of skipped and of partial positions. Without ``total`` the mean is left uninitialised."""
+    """(skip, partial, mean float64), each (N, Ho, Wo) in scratch buffers valid until the next
+    call on this thread, from per-pixel maps, and the numbers of skipped and of partial
+    positions. Without ``total`` the mean is left uninitialised."""
     jit = _compiled()
     shape = (count.shape[0], *out_hw)
-    skip = torch.empty(shape, dtype=torch.bool)
-    partial = torch.empty(shape, dtype=torch.bool)
-    mean = torch.empty(shape, dtype=torch.float64)
+    skip = scratch("skip", shape, torch.bool)
+    partial = scratch("partial", shape, torch.bool)
+    mean = scratch("mean_fill", shape, torch.float64)
     totals = np.empty((1, 1, 1)) if total is None else total.numpy()
     skipped, partials = jit.window_layout(
         count.numpy(), totals, total is not None, *k, *s, *p, *d, channels, float(threshold),
@@ -258,10 +262,12 @@ def band_rects(skip: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, 
 
 def gather(x: torch.Tensor, act, origin: np.ndarray, out: torch.Tensor) -> None:
     """``out[g]`` = ``act(x)`` with NaN -> 0 (zero outside the map) over the input window at
-    ``origin[g]`` = (n, top, left) of out's spatial size; ``x`` and ``out`` (G, C, rows, cols)
+    ``origin[g]`` = (n, top, left) of out's spatial size; ``out``: (G, C, rows, cols)
     channels-last."""
     kind, slopes = act_args(act, x.shape[1], x.dtype)
-    kernel, xv, ov = _compiled().gather_nhwc, _nhwc(x), _nhwc(out)
+    jit = _compiled()
+    kernel, xv = (jit.gather_nhwc, _nhwc(x)) if channels_last(x) else (jit.gather_nchw, _nchw(x))
+    ov = _nhwc(out)
     run_rows(lambda lo, hi: kernel(xv, kind, slopes, origin, ov, lo, hi),
              out.shape[0] * out.shape[2])
 

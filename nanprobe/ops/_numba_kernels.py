@@ -324,11 +324,32 @@ def _maximum_row(row, other, nan_count):
     return _recount(flat, nan_count, row.shape[1])
 
 
+@njit(cache=True, nogil=True)
+def pixel_stats_nchw(x, kind, slopes, count, total, lo, hi):
+    """x: (N, C, H, W); count, total: (N, H, W) NaN entries and sum of numbers per pixel of
+    ``act(x)`` (``kind``, ``slopes`` (C,): see ``_act``), for the rows q = n * H + r in
+    [lo, hi)."""
+    h, w = x.shape[2], x.shape[3]
+    for q in range(lo, hi):
+        n, r = q // h, q % h
+        cnt = count[n, r]
+        tot = total[n, r]
+        cnt[:] = 0
+        tot[:] = 0.0
+        for c in range(x.shape[1]):
+            s = slopes[c]
+            src = x[n, c, r]
+            for col in range(w):
+                v = _act(src[col], kind, s)
+                nan = v != v
+                cnt[col] += nan
+                tot[col] += 0.0 if nan else v
+
+
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
 def pixel_stats_nhwc(x, kind, slopes, count, total, lo, hi):
-    """x: (N, H, W, C); count, total: (N, H, W) NaN entries and sum of numbers per pixel of
-    ``act(x)`` (``kind``, ``slopes`` (C,): see ``_act``), for the rows q = n * H + r in
-    [lo, hi). Reassociation lets the channel sums vectorise."""
+    """``pixel_stats_nchw`` for x: (N, H, W, C). Reassociation lets the channel sums
+    vectorise."""
     n_, h, w, c_ = x.shape
     for q in range(lo, hi):
         n, r = q // h, q % h
@@ -441,11 +462,37 @@ def partial_means(x, kind, slopes, count, partial, kh, kw, sh, sw, ph, pw, dh, d
 
 
 @njit(cache=True, nogil=True)
-def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
-    """``out[g]`` (rows, cols, C) = ``act(x)`` (x: (N, H, W, C)) with NaN -> 0 over the input
-    window of rows [top, top + rows) and cols [left, left + cols) of item n, (n, top, left) =
+def gather_nchw(x, kind, slopes, origin, out, lo, hi):
+    """``out[g]`` (rows, cols, C) = ``act(x)`` (N, C, H, W) with NaN -> 0 over the input window
+    of rows [top, top + rows) and cols [left, left + cols) of item n, (n, top, left) =
     ``origin[g]``; entries outside the map are 0 (zero padding). Output rows q = g * rows + rr
-    in [lo, hi)."""
+    in [lo, hi). (A transposition: about 4x the time of ``gather_nhwc``.)"""
+    rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
+    h, w = x.shape[2], x.shape[3]
+    zero = np.zeros(1, out.dtype)[0]
+    for q in range(lo, hi):
+        g, rr = q // rows, q % rows
+        n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
+        c_lo = min(max(-left, 0), cols)
+        c_hi = max(min(w - left, cols), c_lo)
+        r = top + rr
+        dst = out[g, rr]
+        if r < 0 or r >= h:
+            dst[:, :] = zero
+            continue
+        dst[:c_lo, :] = zero
+        dst[c_hi:, :] = zero
+        for c in range(c_):
+            s = slopes[c]
+            src = x[n, c, r]
+            for cc in range(c_lo, c_hi):
+                v = _act(src[left + cc], kind, s)
+                dst[cc, c] = zero if v != v else v
+
+
+@njit(cache=True, nogil=True)
+def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
+    """``gather_nchw`` for x: (N, H, W, C)."""
     rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
     h, w = x.shape[1], x.shape[2]
     zero = np.zeros(1, out.dtype)[0]

@@ -267,11 +267,19 @@ def _nan_layout(
                       entries=entries)
 
 
-def _channels_last_copy(x: torch.Tensor) -> torch.Tensor:
-    """``x`` copied into a channels-last scratch buffer (one torch pass, the transposition the
-    dense NCHW convolution also does), for the kernels, which read channels-last."""
-    n, c, h, w = x.shape
-    return scratch("conv_source", (n, h, w, c), x.dtype, x.device).permute(0, 3, 1, 2).copy_(x)
+def _conv_into_scratch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       s: tuple[int, int], p: tuple[int, int], d: tuple[int, int]
+                       ) -> torch.Tensor:
+    """``F.conv2d`` of channels-last ``x`` into a per-thread channels-last scratch buffer
+    (valid until the next call): a temporary that a fresh allocation would page-fault in on
+    every call (about 1 ms per MB on small VMs)."""
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
+    out = scratch("conv_output", (n, ho, wo, weight.shape[0]), x.dtype).permute(0, 3, 1, 2)
+    return torch.ops.aten.convolution.out(x, weight, bias, list(s), list(p), list(d), False,
+                                          [0, 0], 1, out=out)
 
 
 def _scratch_cl(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
@@ -578,19 +586,22 @@ def _kernel_dense(
     post: Activation | None,
     maxout: torch.Tensor | None,
 ) -> torch.Tensor:
-    """CPU kernels, NaN-free input: ``maximum(post(conv(pre(x))), maxout)`` with the
-    activations and the maximum in one pass over the output (which then carries its NaN
-    layout)."""
-    if pre is not None:
-        n, _, h, w = x.shape
+    """CPU kernels, NaN-free input: ``maximum(post(conv(pre(x))), maxout)``, the activations
+    and the maximum in one pass over the output (which then carries its NaN layout)."""
+    if post is None and maxout is None and pre is None:
+        return _dense(x, weight, bias, g)
+    if pre is not None or not _kernels.channels_last(x):
+        n = x.shape[0]
         xa = _scratch_cl(tuple(x.shape), x)
         _kernels.gather(x, pre, np.array([(i, 0, 0) for i in range(n)], np.int64), xa)
         x = xa
-    y = _dense(x, weight, bias, g)
-    if post is not None or maxout is not None:
-        count = torch.empty(y.shape[0], *y.shape[2:], dtype=torch.int32)
-        y, infs = _kernels.post_ops(y, post, maxout, count)
-        _layout.remember(y, count, infs == 0)
+    w_cl = _derived(weight, "channels_last", _channels_last)
+    if post is None and maxout is None:
+        return F.conv2d(x, w_cl, bias, g.s, g.p, g.d)
+    src = _conv_into_scratch(x, w_cl, bias, g.s, g.p, g.d)
+    count = torch.empty(src.shape[0], *src.shape[2:], dtype=torch.int32)
+    y, infs = _kernels.post_ops(src, post, maxout, count)
+    _layout.remember(y, count, infs == 0)
     return y
 
 
@@ -624,8 +635,6 @@ def _kernel_conv(
     cout = weight.shape[0]
     ho, wo = g.out_hw
     carried = _layout.recall(x)
-    if not _kernels.channels_last(x) and x.shape[1] > 1:  # the kernels read channels-last
-        x = _channels_last_copy(x)
     if carried is not None and pre is not None and not (carried.finite or pre.keeps_numbers()):
         carried = None  # a zero slope could turn -inf into NaN: count on the activated input
     count = total = None
@@ -662,8 +671,8 @@ def _kernel_conv(
     if not _banded(x, weight, g, band_area, banded):  # one NaN-free copy, one conv2d
         dense = _scratch_cl(tuple(x.shape), x)
         _kernels.gather(x, pre, np.array([(i, 0, 0) for i in range(n)], np.int64), dense)
-        full = F.conv2d(dense, w_cl, bias, g.s, g.p, g.d)
-        y = torch.empty_like(full, memory_format=torch.channels_last)
+        full = _conv_into_scratch(dense, w_cl, bias, g.s, g.p, g.d)
+        y = torch.empty(n, cout, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
         whole = np.array([(i, 0, ho - 1, 0, wo - 1) for i in range(n)], np.int64)
         infs = _kernels.write_bands(y, full, whole, skip, partial, mean, add, x, count, wt,
                                     kgeom, pre, post_k, maxout_k, nan_count)
@@ -681,7 +690,7 @@ def _kernel_conv(
             crops = _scratch_cl((len(group), c, rows * sh + dh * (kh - 1) + 1,
                                  cols * sw + dw * (kw - 1) + 1), x)
             _kernels.gather(x, pre, origin, crops)
-            bands = F.conv2d(crops, w_cl, bias, g.s, 0, g.d)
+            bands = _conv_into_scratch(crops, w_cl, bias, g.s, (0, 0), g.d)
             infs += _kernels.write_bands(y, bands, np.array(group, np.int64), skip, partial,
                                          mean, add, x, count, wt, kgeom, pre, post_k, maxout_k,
                                          nan_count)
