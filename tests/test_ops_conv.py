@@ -114,14 +114,28 @@ def test_large_nan_free_conv_equals_torch(monkeypatch):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 20), st.integers(1, 12), st.integers(1, 6),
-       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
-def test_band_rects_kernel_matches_torch(n, ho, wo, band_rows, density, seed):
-    from nanprobe.ops import _kernels
-
+@given(st.integers(1, 3), st.integers(1, 20), st.integers(1, 40), st.integers(1, 6),
+       st.integers(0, 6), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_band_rects_kernel_covers_computed_positions_tightly(n, ho, wo, band_rows, gap, density,
+                                                             seed):
     g = torch.Generator().manual_seed(seed)
     skip = torch.rand(n, ho, wo, generator=g) >= density
-    assert _kernels.band_rects(skip, band_rows) == conv_mod._bands(~skip, band_rows)
+    skip[:, :, wo // 3 : wo // 3 + gap + 2] = True  # a gap wider than merge_gap in every row
+    rects = _kernels.band_rects(skip, band_rows, gap)
+    covered = torch.zeros(n, ho, wo, dtype=torch.int64)
+    for i, r0, r1, c0, c1 in rects:
+        assert r0 // band_rows == r1 // band_rows and 0 <= c0 <= c1 < wo  # inside one band
+        box = ~skip[i, r0 : r1 + 1, c0 : c1 + 1]
+        assert box[0].any() and box[-1].any() and box[:, 0].any() and box[:, -1].any()  # tight
+        covered[i, r0 : r1 + 1, c0 : c1 + 1] += 1
+    assert covered.max() <= 1  # disjoint
+    assert (covered[~skip] == 1).all()  # every computed position in a rectangle
+    # columns of one band's rectangles are separated by more than the merge gap
+    for i in range(n):
+        for top in range(0, ho, band_rows):
+            spans = sorted((c0, c1) for j, r0, _, c0, c1 in rects if j == i and r0 // band_rows
+                           == top // band_rows)
+            assert all(b[0] - a[1] - 1 > gap for a, b in zip(spans, spans[1:], strict=False))
 
 
 def test_threshold_edges_and_all_nan(kernels):

@@ -250,14 +250,16 @@ def partial_means(
                               *k, *s, *p, *d, count_padding, mean.numpy())
 
 
-def band_rects(skip: torch.Tensor, band_rows: int) -> list[tuple[int, int, int, int, int]]:
-    """``(n, r0, r1, c0, c1)`` (inclusive) per batch item and band of ``band_rows`` output rows
-    of (N, Ho, Wo) ``skip`` that computes anything: its computed rows and column span."""
-    jit = _compiled()
-    n, ho = skip.shape[:2]
-    rects = np.empty((n, -(-ho // band_rows), 4), np.int64)
-    jit.band_rects(skip.numpy(), band_rows, rects)
-    return [(i, *r) for i in range(n) for r in rects[i].tolist() if r[0] >= 0]
+def band_rects(skip: torch.Tensor, band_rows: int, merge_gap: int
+               ) -> list[tuple[int, int, int, int, int]]:
+    """``(n, r0, r1, c0, c1)`` (inclusive) covering the computed positions of (N, Ho, Wo)
+    ``skip``: per batch item and band of ``band_rows`` output rows, one per run of columns that
+    holds a computed position (runs closer than ``merge_gap`` columns merged), with the rows of
+    its computed positions. Disjoint, in band order."""
+    n, ho, wo = skip.shape
+    rects = np.empty((n * -(-ho // band_rows) * (wo // 2 + 1), 5), np.int64)
+    count = _compiled().band_rects(skip.numpy(), band_rows, merge_gap, rects)
+    return [tuple(r) for r in rects[:count].tolist()]
 
 
 def gather(x: torch.Tensor, act, origin: np.ndarray, out: torch.Tensor) -> None:
@@ -272,11 +274,17 @@ def gather(x: torch.Tensor, act, origin: np.ndarray, out: torch.Tensor) -> None:
              out.shape[0] * out.shape[2])
 
 
-def fill_outside(y: torch.Tensor, spans: np.ndarray, nan_count: torch.Tensor) -> None:
-    """NaN in channels-last ``y`` (N, C_out, Ho, Wo) outside each row's column span ``spans``
-    (N, Ho, 2), inclusive; ``nan_count`` (N, Ho, Wo) = C_out there."""
+def fill_outside(y: torch.Tensor, rects: list[tuple[int, int, int, int, int]],
+                 nan_count: torch.Tensor) -> None:
+    """NaN in channels-last ``y`` (N, C_out, Ho, Wo) outside the rectangles ``rects``
+    (n, r0, r1, c0, c1), inclusive; ``nan_count`` (N, Ho, Wo) = C_out there."""
+    n, _, ho, wo = y.shape
+    covered = scratch("covered", (n, ho, wo), torch.bool).numpy()
+    covered[:] = False
+    for i, r0, r1, c0, c1 in rects:
+        covered[i, r0 : r1 + 1, c0 : c1 + 1] = True
     yv, cv, kernel = _nhwc(y), nan_count.numpy(), _compiled().fill_outside
-    run_rows(lambda lo, hi: kernel(yv, spans, cv, lo, hi), y.shape[0] * y.shape[2])
+    run_rows(lambda lo, hi: kernel(yv, covered, cv, lo, hi), n * ho)
 
 
 def write_bands(

@@ -518,49 +518,74 @@ def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def band_rects(skip, band_rows, rects):
-    """rects (N, bands, 4) = (r0, r1, c0, c1), inclusive, of each band's computed positions of
-    skip (N, Ho, Wo); r0 = -1 when the band has none."""
+def band_rects(skip, band_rows, merge_gap, rects):
+    """Rectangles (n, r0, r1, c0, c1), inclusive, covering the computed positions of skip
+    (N, Ho, Wo), written to ``rects`` (R, 5); returns how many. Per batch item and band of
+    ``band_rows`` output rows: the runs of columns holding a computed position, runs closer
+    than ``merge_gap`` columns merged, each with the rows of its computed positions."""
     n_, ho, wo = skip.shape
-    bands = rects.shape[1]
-    for q in range(n_ * bands):
-        b = q % bands
-        n = q // bands
-        r0, r1, c0, c1 = -1, -1, wo, -1
-        for i in range(b * band_rows, min((b + 1) * band_rows, ho)):
-            first = -1
-            last = -1
-            for j in range(wo):
-                if not skip[n, i, j]:
-                    if first < 0:
-                        first = j
-                    last = j
-            if first >= 0:
-                if r0 < 0:
-                    r0 = i
-                r1 = i
-                c0 = min(c0, first)
-                c1 = max(c1, last)
-        rects[n, b, 0] = r0
-        rects[n, b, 1] = r1
-        rects[n, b, 2] = c0
-        rects[n, b, 3] = c1
+    used = np.zeros(wo, np.bool_)
+    count = 0
+    for n in range(n_):
+        for top in range(0, ho, band_rows):
+            bottom = min(top + band_rows, ho)
+            used[:] = False
+            for i in range(top, bottom):
+                for j in range(wo):
+                    if not skip[n, i, j]:
+                        used[j] = True
+            j = 0
+            while j < wo:
+                if not used[j]:
+                    j += 1
+                    continue
+                c0 = j
+                c1 = j
+                gap = 0
+                j += 1
+                while j < wo and gap <= merge_gap:
+                    if used[j]:
+                        c1 = j
+                        gap = 0
+                    else:
+                        gap += 1
+                    j += 1
+                j = c1 + 1
+                r0, r1 = -1, -1
+                for i in range(top, bottom):
+                    for jj in range(c0, c1 + 1):
+                        if not skip[n, i, jj]:
+                            if r0 < 0:
+                                r0 = i
+                            r1 = i
+                            break
+                rects[count, 0] = n
+                rects[count, 1] = r0
+                rects[count, 2] = r1
+                rects[count, 3] = c0
+                rects[count, 4] = c1
+                count += 1
+    return count
 
 
 @njit(cache=True, nogil=True)
-def fill_outside(y, spans, nan_count, lo, hi):
-    """NaN in y (N, Ho, Wo, C_out) outside each row's computed column span ``spans`` (N, Ho, 2)
-    (inclusive; c0 > c1 for a row computed nowhere); ``nan_count`` (N, Ho, Wo) = C_out there.
-    Rows q = n * Ho + i in [lo, hi)."""
+def fill_outside(y, covered, nan_count, lo, hi):
+    """NaN in y (N, Ho, Wo, C_out) at the positions not ``covered`` (N, Ho, Wo) by a computed
+    rectangle; ``nan_count`` (N, Ho, Wo) = C_out there. Rows q = n * Ho + i in [lo, hi)."""
     ho, wo, cout = y.shape[1], y.shape[2], y.shape[3]
     for q in range(lo, hi):
         n, i = q // ho, q % ho
-        c0 = min(max(spans[n, i, 0], 0), wo)
-        c1 = max(min(spans[n, i, 1], wo - 1), c0 - 1)
-        y[n, i, :c0, :] = np.nan
-        y[n, i, c1 + 1 :, :] = np.nan
-        nan_count[n, i, :c0] = cout
-        nan_count[n, i, c1 + 1 :] = cout
+        j = 0
+        while j < wo:
+            if covered[n, i, j]:
+                j += 1
+                continue
+            end = j + 1
+            while end < wo and not covered[n, i, end]:
+                end += 1
+            y[n, i, j:end, :] = np.nan
+            nan_count[n, i, j:end] = cout
+            j = end
 
 
 @njit(inline="always")

@@ -45,6 +45,9 @@ IMPLS = ("auto", "reference", "fast")
 BAND_ROWS = 64
 #: band rectangles grow to multiples of this many (rows, columns), so bands share conv2d calls
 BAND_QUANTUM = (4, 8)
+#: CPU kernels: runs of computed columns in a band closer than this many columns share a
+#: rectangle (farther apart, e.g. the brain and the corners of an image, each get their own)
+BAND_MERGE_GAP = 16
 #: ``auto`` runs one dense conv unless the bands cover at most this fraction of the output map
 AUTO_MAX_BAND_FRACTION = 0.85
 #: ``auto`` bands a batch item only when its dense convolution has at least this many MACs or
@@ -568,15 +571,6 @@ def _derived(weight: torch.Tensor, kind: str, make):
     return value
 
 
-def _spans(rects: list[Rect], n: int, ho: int) -> np.ndarray:
-    """(N, Ho, 2) inclusive column span of each output row's rectangle; (0, -1) for none."""
-    spans = np.zeros((n, ho, 2), np.int64)
-    spans[..., 1] = -1
-    for i, r0, r1, c0, c1 in rects:
-        spans[i, r0 : r1 + 1] = (c0, c1)
-    return spans
-
-
 def _kernel_dense(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -663,7 +657,7 @@ def _kernel_conv(
     post_k, maxout_k = (post, maxout) if linear else (None, None)  # noisy_max: after recompute
     kgeom = (g.k, g.s, g.p, g.d)
 
-    rects = _kernels.band_rects(skip, BAND_ROWS)
+    rects = _kernels.band_rects(skip, BAND_ROWS, BAND_MERGE_GAP)
     band_area = sum((r1 - r0 + 1) * (c1 - c0 + 1) for _, r0, r1, c0, c1 in rects)
     w_cl = _derived(weight, "channels_last", _channels_last)
     nan_count = torch.empty(n, ho, wo, dtype=torch.int32)
@@ -680,8 +674,7 @@ def _kernel_conv(
     else:
         y = torch.empty(n, cout, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
         groups = _band_groups(rects, ho, wo)
-        _kernels.fill_outside(y, _spans([r for grp in groups.values() for r in grp], n, ho),
-                              nan_count)
+        _kernels.fill_outside(y, [r for grp in groups.values() for r in grp], nan_count)
         band_area = 0
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
         for (rows, cols), group in groups.items():  # one conv2d per band shape
