@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from nanprobe.models.fastsurfer import FastSurferVINN
 from nanprobe.ops import (
     NanConv2d,
     NanifyWarning,
@@ -19,6 +22,7 @@ from nanprobe.ops import (
     nanify,
     skip_stats,
 )
+from nanprobe.ops._graph_fusion import FusedForward
 
 
 class TinyUNet(nn.Module):
@@ -145,3 +149,168 @@ def test_nanify_bad_options(kwargs, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         nanify(TinyUNet(), config=tmp_path / "missing.json")
+
+
+# --- fusion: what the NaN ops absorb --------------------------------------------------------
+
+
+def small_vinn() -> nn.Module:
+    """A small FastSurferVINN (the package's model) with non-trivial batch-norm statistics."""
+    torch.manual_seed(0)
+    model = FastSurferVINN(3, num_channels=1, num_filters=8, num_filters_interpol=4)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+        if isinstance(m, nn.PReLU):
+            m.weight.data.fill_(0.2)
+    return model.eval()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=tol, atol=tol)
+
+
+def test_fusion_keeps_structure_and_reports_what_it_absorbed():
+    model = small_vinn()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    nanify(model, nan_threshold=0.5)
+    report = model.nanify_report
+    assert report.fused["encode2.conv1"] == ("prelu before, bn2 folded, "
+                                            "torch.maximum with conv0")
+    assert report.fused["decode1.unpool"] == "torch.maximum with skip"
+    assert report.fused["inp_block.conv0"] == "gn1 folded"
+    assert not report.not_fused
+    assert list(model.state_dict()) == list(keys)
+    assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
+    assert all(isinstance(model.get_submodule(n), t) or "conv" in n or "pool" in n
+               for n, t in types.items())
+
+
+@pytest.mark.parametrize("tie_limit", [None, 1])
+def test_fused_model_equals_unfused(kernels, tie_limit):
+    # exact ties only (the constant background): folding batch norm changes the last bits, so
+    # ties within a tolerance may flip between the two models
+    x = torch.cat([brain_like(64), brain_like(64).flip(-1)])
+    fused = nanify(small_vinn(), tie_limit=tie_limit, tie_eps=0.0, nan_threshold=0.5)
+    plain = nanify(small_vinn(), tie_limit=tie_limit, tie_eps=0.0, nan_threshold=0.5, fuse=False)
+    with torch.no_grad():
+        got, expected = fused(x), plain(x)
+    _close(got, expected)
+    stats = skip_stats(plain)
+    assert skip_stats(fused) == stats
+    skipped = sum(s["total"].get("skipped", 0) for s in stats.values())
+    assert skipped > 0 if tie_limit else skipped == 0  # the background ties: NaN inside
+
+
+def test_fused_model_falls_back_to_the_original_forward():
+    x = brain_like(32)
+    fused = nanify(small_vinn(), nan_threshold=0.5)
+    plain = nanify(small_vinn(), nan_threshold=0.5, fuse=False)
+    seen = []
+    handle = fused.encode2.bn2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        _close(fused(x), plain(x))
+    assert seen  # the hooked batch norm ran as a module
+    handle.remove()
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Passthrough():
+        _close(fused(x), plain(x))
+    fused.train()
+    plain.train()
+    with torch.no_grad():
+        _close(fused(x), plain(x))  # batch statistics: nothing folded
+
+
+def test_fused_model_copies_and_pickles(tmp_path):
+    x = brain_like(32)
+    model = nanify(small_vinn(), nan_threshold=0.5)
+    with torch.no_grad():
+        expected = model(x)
+    twin = copy.deepcopy(model)
+    assert isinstance(twin.encode2.forward, FusedForward)
+    assert twin.encode2.forward.module is twin.encode2
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        _close(twin(x), expected, 0)
+        _close(loaded(x), expected, 0)
+    assert loaded.encode2.forward.fn is not None  # derived again on first use
+
+
+class Awkward(nn.Module):
+    """Patterns fusion must leave alone or handle: an input changed in place before the
+    maximum, an output used twice, a data-dependent branch in a child, a side effect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.b = nn.Conv2d(2, 2, 3, padding=1)
+        self.branchy = Branchy()
+        self.logger = Logger()
+
+    def forward(self, x):
+        y = self.bn(self.a(x))
+        x = x.clone()
+        x.mul_(2)  # in place between the conv and the maximum: no maxout fusion
+        z = self.b(x)
+        out = torch.maximum(y, x) + torch.relu(z) + z  # z used twice: no activation fusion
+        return self.logger(self.branchy(out))
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+
+class Logger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.seen: list = []
+
+    def forward(self, x):
+        self.seen.append(x.shape)
+        return torch.relu(self.conv(x))
+
+
+def test_fusion_leaves_what_it_cannot_prove_alone():
+    torch.manual_seed(1)
+    model = Awkward().eval()
+    model.bn.running_mean.normal_()
+    x = brain_like(16).repeat(1, 2, 1, 1)
+    fused = nanify(copy.deepcopy(model), nan_threshold=0.5)
+    plain = nanify(copy.deepcopy(model), nan_threshold=0.5, fuse=False)
+    report = fused.nanify_report
+    assert report.fused == {"a": "bn folded"}
+    assert "torch.fx cannot trace" in report.not_fused["branchy"]
+    assert "seen" in report.not_fused["logger"]
+    assert fused.logger.seen == []  # tracing left the list alone
+    with torch.no_grad():
+        _close(fused(x), plain(x))
+    assert len(fused.logger.seen) == 1
+
+
+def test_tiny_unet_fuses_functional_relu_and_unpool_maximum(kernels):
+    torch.manual_seed(0)
+    fused = nanify(TinyUNet().eval(), nan_threshold=0.5)
+    plain = nanify(TinyUNet().eval(), nan_threshold=0.5, fuse=False)
+    plain.load_state_dict(fused.state_dict())
+    assert fused.nanify_report.fused == {
+        "enc": "relu after", "mid": "relu after", "unpool": "torch.maximum with enc",
+        "dec": "relu after"}
+    with torch.no_grad():
+        _close(fused(brain_like()), plain(brain_like()), 1e-5)

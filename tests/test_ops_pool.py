@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_ops import loop_max_pool2d, loop_max_unpool2d
 
-from nanprobe.ops import nan_max_pool2d, nan_max_unpool2d
+from nanprobe.ops import _layout, nan_max_pool2d, nan_max_unpool2d
 
 NAN = float("nan")
 
@@ -147,6 +147,39 @@ def test_unpool_foreign_indices_match_loop_reference(kernels, k, s, p, n, c, h, 
     out = nan_max_unpool2d(values, indices, k, s, p, output_size=(h, w))
     ref = loop_max_unpool2d(values, indices, k, s, p, h, w)
     assert torch.equal(out.nan_to_num(7.5), ref.nan_to_num(7.5))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 1), st.integers(2, 9),
+       st.integers(2, 9), st.sampled_from([0.0, 0.3]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_unpool_absorbs_maximum(kernels, k, s, p, h, w, stray, channels_last, seed):
+    """``maxout``: torch.maximum(unpooled, maxout), computed in the unpooling pass; on the numba
+    path the output carries its exact NaN count per pixel."""
+    p = min(p, k // 2)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    if min(ho, wo) < 1:
+        return
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(2, 3, ho, wo, generator=g)
+    values[torch.rand(values.shape, generator=g) < 0.3] = NAN
+    own = nan_max_pool2d(torch.randn(2, 3, h, w, generator=g), k, s, p)[1]
+    foreign = torch.randint(0, h * w, values.shape, generator=g)
+    indices = torch.where(torch.rand(values.shape, generator=g) < stray, foreign, own)
+    partner = torch.randn(2, 3, h, w, generator=g)
+    partner[torch.rand(partner.shape, generator=g) < 0.2] = NAN
+    partner[0, 0, 0, 0] = math.inf
+    if channels_last:
+        values, indices, partner = (t.contiguous(memory_format=torch.channels_last)
+                                    for t in (values, indices, partner))
+    out = nan_max_unpool2d(values, indices, k, s, p, output_size=(h, w), maxout=partner)
+    ref = torch.maximum(loop_max_unpool2d(values, indices, k, s, p, h, w), partner)
+    assert torch.equal(out.nan_to_num(7.5), ref.nan_to_num(7.5))
+    carried = _layout.recall(out)
+    if kernels == "numba":
+        assert torch.equal(carried.count, torch.isnan(ref).sum(1, dtype=torch.int32))
+        assert carried.finite == (not torch.isinf(ref).any())
+    else:
+        assert carried is None
 
 
 @pytest.mark.parametrize("k, s, p, size", [(2, 2, 0, (8, 8)), (3, 2, 1, (9, 7)), (2, 1, 0, (5, 6))])

@@ -10,8 +10,13 @@ Two implementations with the same semantics:
   partially-NaN windows (a thin border band in practice) then get the mean fill's term added by
   linearity (or, for ``noisy_max``, are recomputed). Skipped positions cost nothing but their
   NaN write. On CPU the NaN bookkeeping (per-pixel counts, skip/partial decisions, band
-  rectangles, NaN writes, mean-fill term, noisy_max recompute) runs in fused numba kernels
-  (:mod:`._kernels`), elsewhere in torch ops.
+  rectangles, NaN-free crops, writing the bands with NaN and the mean-fill term) runs in numba
+  kernels (:mod:`._kernels`), elsewhere in torch ops.
+
+The CPU kernels also absorb what surrounds a convolution in a network (``pre_activation``,
+``post_activation``, ``maxout``; batch norm is folded into the weights by :class:`NanConv2d`),
+record how many NaN entries each output pixel holds (:mod:`._layout`) and read that record
+instead of scanning when the input came from a NaN op unchanged.
 
 ``impl="auto"`` uses the banded path when the bands save enough work, otherwise a single dense
 convolution over the whole map (the same code with one band).
@@ -20,14 +25,17 @@ convolution over the whole map (the same code with one band).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _kernels
+from . import _kernels, _layout
 from ._args import IntPair, check_choice, check_fraction, check_input, check_nonnegative, pair
 from ._scratch import scratch
+from .fusion import Activation
 
 #: named fills; a finite number is a fill too (a constant; "zero" is the constant 0)
 FILLS = ("mean", "noisy_max", "zero")
@@ -37,6 +45,9 @@ IMPLS = ("auto", "reference", "fast")
 BAND_ROWS = 64
 #: band rectangles grow to multiples of this many (rows, columns), so bands share conv2d calls
 BAND_QUANTUM = (4, 8)
+#: CPU kernels: runs of computed columns in a band closer than this many columns share a
+#: rectangle (farther apart, e.g. the brain and the corners of an image, each get their own)
+BAND_MERGE_GAP = 16
 #: ``auto`` runs one dense conv unless the bands cover at most this fraction of the output map
 AUTO_MAX_BAND_FRACTION = 0.85
 #: ``auto`` bands a batch item only when its dense convolution has at least this many MACs or
@@ -84,13 +95,21 @@ def fill_constant(fill: Fill) -> float | None:
 
 @dataclass(frozen=True)
 class ConvSkipStats:
-    """What one ``nan_conv2d`` call did (counts summed over the batch)."""
+    """What one ``nan_conv2d`` call did (counts summed over the batch).
+
+    ``positions``: output positions (N * Ho * Wo); ``skipped``: those set to NaN without
+    computing; ``partial``: computed ones whose window held NaN (filled); ``positions_executed``
+    = positions - skipped, the positions given a value; ``positions_computed``: positions the
+    dense convolutions actually computed (the band rectangles, which also cover some skipped
+    positions; all positions when it ran dense), the work that was really done.
+    """
 
     positions: int
     skipped: int
     partial: int
     macs_per_position: int
     positions_executed: int
+    positions_computed: int
 
     @property
     def macs(self) -> int:
@@ -149,25 +168,20 @@ def _check_conv_args(
 
 @dataclass(frozen=True)
 class _NanLayout:
-    """Where the NaNs are, at pixel and window level (counts are exact small integers).
-
-    The fused CPU kernels fill ``mean``; the torch path fills ``nan_count`` and ``entries`` and
-    computes the mean fill later, from gathered windows, at the partial positions only.
+    """Where the NaNs are, at pixel and window level (counts are exact small integers), for
+    the torch path; the mean fill is computed later, from gathered windows, at the partial
+    positions only.
     """
 
     per_pixel: torch.Tensor  # (N, H, W) NaN entries over channels
     skip: torch.Tensor  # (N, Ho, Wo) bool
     partial: torch.Tensor  # (N, Ho, Wo) bool: computed, but the window holds NaN
     channels: int
-    nan_count: torch.Tensor | None = None  # (N, Ho, Wo) NaN entries per window
-    entries: torch.Tensor | None = None  # (1, Ho, Wo) entries per window that count
-    mean: torch.Tensor | None = None  # (N, Ho, Wo) mean of each window's numbers
-    counts: tuple[int, int] | None = None  # skipped and partial positions, when known
+    nan_count: torch.Tensor  # (N, Ho, Wo) NaN entries per window
+    entries: torch.Tensor  # (1, Ho, Wo) entries per window that count
 
     def skip_counts(self) -> tuple[int, int]:
         """Numbers of skipped and of partial positions."""
-        if self.counts is not None:
-            return self.counts
         return int(self.skip.sum()), int(self.partial.sum())
 
     @property
@@ -176,22 +190,28 @@ class _NanLayout:
         return bool(((self.per_pixel == 0) | (self.per_pixel == self.channels)).all())
 
 
-def _pixel_nans(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """NaN entries per pixel (N, H, W) and, from the fused kernel, the sum of numbers (or None);
-    (None, None) when ``x`` holds no NaN.
+def _nan_free(x: torch.Tensor, pre: Activation | None = None) -> bool:
+    """Whether ``x`` (and ``pre(x)``) certainly holds no NaN, from one cheap sum.
 
-    One cheap sum first proves most inputs NaN-free (inf - inf only costs the counting pass),
-    unless a corner pixel already shows NaN (NaN backgrounds); the fused kernel then counts and
-    sums in one pass, the torch path counts from ``isnan``.
+    A corner pixel is looked at first (NaN backgrounds show there); a sum that is not NaN
+    proves the absence of NaN (inf - inf only costs the counting pass), and a finite one also
+    that no -inf meets a zero slope of ``pre``.
     """
-    c = x.shape[1]
-    if not bool(torch.isnan(x[:, :, 0, 0]).any()) and not bool(torch.isnan(x.sum())):
-        return None, None
-    if _kernels.enabled(x):
-        return _kernels.pixel_stats(x)
+    if bool(torch.isnan(x[:, :, 0, 0]).any()):
+        return False
+    total = x.sum()
+    if pre is not None and not pre.keeps_numbers():
+        return bool(torch.isfinite(total))
+    return not bool(torch.isnan(total))
+
+
+def _pixel_nans(x: torch.Tensor) -> torch.Tensor | None:
+    """NaN entries per pixel (N, H, W) by torch ops; None when ``x`` holds no NaN."""
+    if _nan_free(x):
+        return None
     # a uint8 channel sum is much faster than a bool -> int one; exact while C < 256
-    count_dtype = torch.uint8 if c < 256 else torch.int32
-    return torch.isnan(x).view(torch.uint8).sum(1, dtype=count_dtype), None
+    count_dtype = torch.uint8 if x.shape[1] < 256 else torch.int32
+    return torch.isnan(x).view(torch.uint8).sum(1, dtype=count_dtype)
 
 
 def _axis_taps(size: int, k: int, s: int, p: int, d: int, out: int, device) -> torch.Tensor:
@@ -220,7 +240,7 @@ def _window_sum(m: torch.Tensor, g: _Geometry) -> torch.Tensor:
 def _nan_layout(
     x: torch.Tensor, g: _Geometry, nan_threshold: float, count_padding: bool
 ) -> _NanLayout | None:
-    """Count NaNs per pixel and per window; ``skip = r >= nan_threshold``.
+    """Torch path: count NaNs per pixel and per window; ``skip = r >= nan_threshold``.
 
     None when there is nothing to do: no NaN in ``x`` and ``nan_threshold > 0``.
 
@@ -229,18 +249,13 @@ def _nan_layout(
     window holds at least one NaN.
     """
     n, c, h, w = x.shape
-    per_pixel, pixel_total = _pixel_nans(x)
+    per_pixel = _pixel_nans(x)
     if per_pixel is None:  # NaN-free: nothing to do unless a threshold of 0 skips everything
         if nan_threshold > 0:
             return None
         per_pixel = torch.zeros(n, h, w, dtype=torch.int32, device=x.device)
     elif nan_threshold > 0 and not bool(per_pixel.any()):
         return None
-    if pixel_total is not None:  # fused kernels: one pass over the per-pixel maps
-        skip, partial, mean, skipped, partials = _kernels.window_layout(
-            per_pixel, pixel_total, g.k, g.s, g.p, g.d, g.out_hw, c, nan_threshold,
-            count_padding)
-        return _NanLayout(per_pixel, skip, partial, c, mean=mean, counts=(skipped, partials))
     dtype = torch.float64 if c * g.k[0] * g.k[1] >= 1 << 24 else torch.float32
     nan_count = _window_sum(per_pixel.to(dtype), g)
     if count_padding:
@@ -253,6 +268,21 @@ def _nan_layout(
     skip = ratio >= nan_threshold
     return _NanLayout(per_pixel, skip, (nan_count > 0) & ~skip, c, nan_count=nan_count,
                       entries=entries)
+
+
+def _conv_into_scratch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       s: tuple[int, int], p: tuple[int, int], d: tuple[int, int]
+                       ) -> torch.Tensor:
+    """``F.conv2d`` of channels-last ``x`` into a per-thread channels-last scratch buffer
+    (valid until the next call): a temporary that a fresh allocation would page-fault in on
+    every call (about 1 ms per MB on small VMs)."""
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
+    out = scratch("conv_output", (n, ho, wo, weight.shape[0]), x.dtype).permute(0, 3, 1, 2)
+    return torch.ops.aten.convolution.out(x, weight, bias, list(s), list(p), list(d), False,
+                                          [0, 0], 1, out=out)
 
 
 def _scratch_cl(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
@@ -272,7 +302,7 @@ def _dense(
     if x.device.type == "cpu" and macs >= CHANNELS_LAST_MIN_MACS:
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = _scratch_cl(tuple(x.shape), x).copy_(x)
-        weight = weight.contiguous(memory_format=torch.channels_last)
+        weight = _derived(weight, "channels_last", _channels_last)
     return F.conv2d(x, weight, bias, g.s, g.p, g.d)
 
 
@@ -429,6 +459,30 @@ def _fill_outside(y: torch.Tensor, rects: list[Rect]) -> None:
         y[i, :, done:, :] = nan
 
 
+def _banded(x: torch.Tensor, weight: torch.Tensor, g: _Geometry, band_area: int,
+            banded: bool | None) -> bool:
+    """Whether to convolve band rectangles covering ``band_area`` output positions rather than
+    the whole map; ``banded=None``: decide (``impl="auto"``), else as given."""
+    n = x.shape[0]
+    ho, wo = g.out_hw
+    if band_area == 0:  # everything skipped
+        return True
+    if band_area == n * ho * wo:  # the bands are the whole map: one dense call
+        return False
+    if banded is None:
+        big = ho * wo * weight.numel() >= AUTO_MIN_MACS or x[0].numel() >= AUTO_MIN_ELEMENTS
+        return big and band_area <= AUTO_MAX_BAND_FRACTION * n * ho * wo
+    return banded
+
+
+def _band_groups(rects: list[Rect], ho: int, wo: int) -> dict[tuple[int, int], list[Rect]]:
+    """Quantised rectangles grouped by shape (rows - 1, cols - 1): one conv2d per group."""
+    shapes: dict[tuple[int, int], list[Rect]] = {}
+    for rect in _quantise(rects, ho, wo):
+        shapes.setdefault((rect[2] - rect[1], rect[4] - rect[3]), []).append(rect)
+    return shapes
+
+
 def _fast(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -441,78 +495,208 @@ def _fast(
     count_padding: bool,
     banded: bool | None,
 ) -> tuple[torch.Tensor, int]:
-    """Banded dense conv + exact handling of partial windows. ``banded=None``: decide.
+    """Torch path: banded dense conv + exact handling of partial windows. ``banded=None``:
+    decide.
 
     Returns the output and the number of positions computed. The convolution of the input with
     NaN -> 0 is already the zero fill; the mean and constant fills add value * (sum of the
     weights at the window's NaN entries) by linearity, ``noisy_max`` recomputes the partial
-    windows. NaN at the skipped positions: on
-    CPU the finishing kernel writes them (with the linear fill's term) in one pass; the torch path
-    masks each band while its output is small and fills the area outside the bands by slices,
-    so no pass over the whole output is spent on skips.
+    windows. Each band is masked while its output is small and the area outside the bands is
+    filled by slices, so no pass over the whole output is spent on skips.
     """
     skip = layout.skip
     n = x.shape[0]
     cout = weight.shape[0]
     ho, wo = g.out_hw
-    fused = layout.mean is not None  # the finishing kernel writes every skipped position
-    rects = _kernels.band_rects(skip, BAND_ROWS) if fused else _bands(~skip, BAND_ROWS)
+    rects = _bands(~skip, BAND_ROWS)
     band_area = sum((r1 - r0 + 1) * (c1 - c0 + 1) for _, r0, r1, c0, c1 in rects)
-    if banded is None:
-        big = ho * wo * weight.numel() >= AUTO_MIN_MACS or x[0].numel() >= AUTO_MIN_ELEMENTS
-        banded = big and band_area <= AUTO_MAX_BAND_FRACTION * n * ho * wo
-    if not rects:  # everything skipped
-        banded = True
-    elif band_area == n * ho * wo:  # the bands are the whole map: one dense call
-        banded = False
-
     w_cl = weight.contiguous(memory_format=torch.channels_last)
-    if not banded:  # one NaN-free channels-last copy of the input, one conv2d
+    if not _banded(x, weight, g, band_area, banded):  # one NaN-free copy, one conv2d
         dense = _scratch_cl(tuple(x.shape), x)
         torch.nan_to_num(x, nan=0.0, posinf=float("inf"), neginf=float("-inf"), out=dense)
         y = F.conv2d(dense, w_cl, bias, g.s, g.p, g.d)
         band_area = n * ho * wo
-        if not fused:
-            y.masked_fill_(skip.unsqueeze(1), float("nan"))
+        y.masked_fill_(skip.unsqueeze(1), float("nan"))
     else:
         y = torch.empty(n, cout, ho, wo, dtype=x.dtype, device=x.device,
                         memory_format=torch.channels_last)
-        if not fused:
-            _fill_outside(y, rects)
-        shapes: dict[tuple[int, int], list[Rect]] = {}
-        for rect in _quantise(rects, ho, wo):
-            shapes.setdefault((rect[2] - rect[1], rect[4] - rect[3]), []).append(rect)
+        _fill_outside(y, rects)
         band_area = 0
-        for (rows, cols), group in shapes.items():  # one conv2d per band shape
+        for (rows, cols), group in _band_groups(rects, ho, wo).items():
             bands = F.conv2d(_dense_crops(x, g, group), w_cl, bias, g.s, 0, g.d)
             band_area += len(group) * (rows + 1) * (cols + 1)
             for band, (i, r0, r1, c0, c1) in zip(bands, group, strict=True):
-                if not fused:
-                    band.masked_fill_(skip[i, None, r0 : r1 + 1, c0 : c1 + 1], float("nan"))
+                band.masked_fill_(skip[i, None, r0 : r1 + 1, c0 : c1 + 1], float("nan"))
                 y[i, :, r0 : r1 + 1, c0 : c1 + 1] = band
 
     constant = fill_constant(fill)
     linear = fill == "mean" or constant is not None
-    add = fill == "mean" or bool(constant)  # the zero fill adds nothing
-    if fused:
-        if constant:
-            layout.mean.fill_(constant)
-        _kernels.finish_conv(y, x, layout.per_pixel, weight, skip, layout.partial, layout.mean,
-                             g.k, g.s, g.p, g.d, add_mean=add)
-    if (fused and linear) or (linear and not add):
+    if linear and not (fill == "mean" or constant):  # the zero fill adds nothing
         return y, band_area
     where = layout.partial.nonzero(as_tuple=True)  # row-major, as in the reference
     if where[0].numel():
         if linear:
             _add_mean_fill(x, weight, g, y, where, layout, constant)
-        elif fused:
-            noise = _noise(len(where[0]), weight[0].numel(), x, fill, generator)
-            _kernels.noisy_max_partial(y, x, weight, bias, where, noise, sigma, g.k, g.s, g.p,
-                                       g.d, count_padding)
         else:
             _recompute_partial(x, weight, bias, g, y, where, fill, sigma, generator,
                                count_padding)
     return y, band_area
+
+
+_DERIVED: dict[tuple[int, str], tuple] = {}
+
+
+def _channels_last(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().contiguous(memory_format=torch.channels_last)
+
+
+def _derived(weight: torch.Tensor, kind: str, make):
+    """``make(weight)``, cached per weight tensor and ``kind`` until the weight changes (same
+    checks as the carried NaN layouts): a copy per call is a small torch op, and under load
+    every small parallel op can wait a whole time slice for its second thread."""
+    if weight.is_inference():  # no version counter: nothing can be cached safely
+        return make(weight)
+    key = (id(weight), kind)
+    state = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+    entry = _DERIVED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == state:
+        return entry[2]
+    value = make(weight)
+
+    def forget(ref, key=key):
+        if _DERIVED.get(key, (None,))[0] is ref:
+            del _DERIVED[key]
+
+    _DERIVED[key] = (weakref.ref(weight, forget), state, value)
+    return value
+
+
+def _kernel_dense(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: _Geometry,
+    pre: Activation | None,
+    post: Activation | None,
+    maxout: torch.Tensor | None,
+) -> torch.Tensor:
+    """CPU kernels, NaN-free input: ``maximum(post(conv(pre(x))), maxout)``, the activations
+    and the maximum in one pass over the output (which then carries its NaN layout)."""
+    if post is None and maxout is None and pre is None:
+        return _dense(x, weight, bias, g)
+    if pre is not None or not _kernels.channels_last(x):
+        n = x.shape[0]
+        xa = _scratch_cl(tuple(x.shape), x)
+        _kernels.gather(x, pre, np.array([(i, 0, 0) for i in range(n)], np.int64), xa)
+        x = xa
+    w_cl = _derived(weight, "channels_last", _channels_last)
+    if post is None and maxout is None:
+        return F.conv2d(x, w_cl, bias, g.s, g.p, g.d)
+    src = _conv_into_scratch(x, w_cl, bias, g.s, g.p, g.d)
+    count = torch.empty(src.shape[0], *src.shape[2:], dtype=torch.int32)
+    y, infs = _kernels.post_ops(src, post, maxout, count)
+    _layout.remember(y, count, infs == 0)
+    return y
+
+
+def _kernel_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: _Geometry,
+    nan_threshold: float,
+    fill: Fill,
+    sigma: float,
+    generator: torch.Generator | None,
+    count_padding: bool,
+    banded: bool | None,
+    pre: Activation | None,
+    post: Activation | None,
+    maxout: torch.Tensor | None,
+) -> tuple[torch.Tensor, int, int, int]:
+    """CPU kernels: the NaN convolution of ``pre(x)``, then ``post`` and the maximum with
+    ``maxout``, all NaN bookkeeping in numba passes.
+
+    Per-pixel NaN counts come from the layout carried with ``x`` (:mod:`._layout`) or one scan;
+    skip/partial decisions and band rectangles from those small maps; each group of equally
+    shaped rectangles is copied NaN-free (``pre`` applied) into one channels-last batch and
+    convolved; one pass then writes every output position: NaN where skipped, the band value
+    plus the linear fill's term, the post-activation and the maximum, counting the output's NaN
+    entries per pixel, which the output carries on. Returns (y, skipped, partial, positions
+    computed).
+    """
+    n, c = x.shape[:2]
+    cout = weight.shape[0]
+    ho, wo = g.out_hw
+    carried = _layout.recall(x)
+    if carried is not None and pre is not None and not (carried.finite or pre.keeps_numbers()):
+        carried = None  # a zero slope could turn -inf into NaN: count on the activated input
+    count = total = None
+    if carried is not None:  # numpy reductions: no torch parallel region for small maps
+        count = carried.count
+        nan_free = nan_threshold > 0 and not count.numpy().any()
+    else:
+        nan_free = nan_threshold > 0 and _nan_free(x, pre)
+        if not nan_free:
+            count, total = _kernels.pixel_stats(x, pre)
+            nan_free = nan_threshold > 0 and not count.numpy().any()
+    if nan_free:
+        return _kernel_dense(x, weight, bias, g, pre, post, maxout), 0, 0, n * ho * wo
+
+    skip, partial, mean, skipped, partials = _kernels.window_layout(
+        count, total, g.k, g.s, g.p, g.d, g.out_hw, c, nan_threshold, count_padding)
+    constant = fill_constant(fill)
+    linear = fill == "mean" or constant is not None
+    add = partials > 0 and (fill == "mean" or bool(constant))  # the zero fill adds nothing
+    if add and constant is not None:
+        mean.fill_(constant)
+    elif add and total is None:
+        _kernels.partial_means(x, pre, count, partial, mean, g.k, g.s, g.p, g.d, count_padding)
+    wt = _derived(weight, "taps", _kernels.tap_weights) if add else np.zeros(
+        (1, 1, 1, 1), _kernels._scalar(weight.dtype))
+    post_k, maxout_k = (post, maxout) if linear else (None, None)  # noisy_max: after recompute
+    kgeom = (g.k, g.s, g.p, g.d)
+
+    rects = _kernels.band_rects(skip, BAND_ROWS, BAND_MERGE_GAP)
+    band_area = sum((r1 - r0 + 1) * (c1 - c0 + 1) for _, r0, r1, c0, c1 in rects)
+    w_cl = _derived(weight, "channels_last", _channels_last)
+    nan_count = torch.empty(n, ho, wo, dtype=torch.int32)
+    infs = 0
+    if not _banded(x, weight, g, band_area, banded):  # one NaN-free copy, one conv2d
+        dense = _scratch_cl(tuple(x.shape), x)
+        _kernels.gather(x, pre, np.array([(i, 0, 0) for i in range(n)], np.int64), dense)
+        full = _conv_into_scratch(dense, w_cl, bias, g.s, g.p, g.d)
+        y = torch.empty(n, cout, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
+        whole = np.array([(i, 0, ho - 1, 0, wo - 1) for i in range(n)], np.int64)
+        infs = _kernels.write_bands(y, full, whole, skip, partial, mean, add, x, count, wt,
+                                    kgeom, pre, post_k, maxout_k, nan_count)
+        band_area = n * ho * wo
+    else:
+        y = torch.empty(n, cout, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
+        groups = _band_groups(rects, ho, wo)
+        _kernels.fill_outside(y, [r for grp in groups.values() for r in grp], nan_count)
+        band_area = 0
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.k, g.s, g.p, g.d
+        for (rows, cols), group in groups.items():  # one conv2d per band shape
+            origin = np.array([(i, r0 * sh - ph, c0 * sw - pw) for i, r0, _, c0, _ in group],
+                              np.int64)
+            crops = _scratch_cl((len(group), c, rows * sh + dh * (kh - 1) + 1,
+                                 cols * sw + dw * (kw - 1) + 1), x)
+            _kernels.gather(x, pre, origin, crops)
+            bands = _conv_into_scratch(crops, w_cl, bias, g.s, (0, 0), g.d)
+            infs += _kernels.write_bands(y, bands, np.array(group, np.int64), skip, partial,
+                                         mean, add, x, count, wt, kgeom, pre, post_k, maxout_k,
+                                         nan_count)
+            band_area += len(group) * (rows + 1) * (cols + 1)
+    if not linear:  # noisy_max: recompute the partial windows, then the post-processing
+        where = partial.nonzero(as_tuple=True)  # row-major, as in the reference
+        if where[0].numel():
+            noise = _noise(len(where[0]), weight[0].numel(), x, fill, generator)
+            _kernels.noisy_max_partial(y, x if pre is None else pre(x), weight, bias, where,
+                                       noise, sigma, g.k, g.s, g.p, g.d, count_padding)
+        y, infs = _kernels.post_ops(y, post, maxout, nan_count)
+    _layout.remember(y, nan_count, infs == 0)
+    return y, skipped, partials, band_area
 
 
 def _taps(
@@ -618,6 +802,22 @@ def _recompute_partial(
         y[pn[sl], :, pr[sl], pc[sl]] = out
 
 
+def _check_fusion(pre, post, maxout, x4: torch.Tensor, cout: int, g: _Geometry
+                  ) -> torch.Tensor | None:
+    """Validate the absorbed operations; ``maxout`` as 4-D (it must match the output)."""
+    for name, act in (("pre_activation", pre), ("post_activation", post)):
+        if act is not None and not isinstance(act, Activation):
+            raise ValueError(f"{name} must be None or a nanprobe.ops.fusion.Activation "
+                             f"(see fusion.activation), got {type(act).__name__}")
+    if maxout is None:
+        return None
+    shape = (x4.shape[0], cout, *g.out_hw)
+    if not isinstance(maxout, torch.Tensor) or maxout.numel() != math.prod(shape):
+        got = tuple(maxout.shape) if isinstance(maxout, torch.Tensor) else type(maxout).__name__
+        raise ValueError(f"maxout must be a tensor shaped like the output {shape}, got {got}")
+    return maxout.reshape(shape)
+
+
 @torch.no_grad()
 def nan_conv2d_with_stats(
     x: torch.Tensor,
@@ -634,6 +834,9 @@ def nan_conv2d_with_stats(
     count_padding: bool = False,
     impl: str = "auto",
     groups: int = 1,
+    pre_activation: Activation | None = None,
+    post_activation: Activation | None = None,
+    maxout: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ConvSkipStats]:
     """:func:`nan_conv2d` that also returns what it skipped (used by :class:`NanConv2d`)."""
     x4, squeeze, g = _check_conv_args(x, weight, bias, stride, padding, dilation, groups)
@@ -641,25 +844,40 @@ def nan_conv2d_with_stats(
     fill = check_fill(fill)
     check_choice(impl, "impl", IMPLS)
     sigma = check_nonnegative(sigma, "sigma")
+    pre, post = pre_activation, post_activation
+    partner = _check_fusion(pre, post, maxout, x4, weight.shape[0], g)
     n, c = x4.shape[:2]
     positions = n * g.out_hw[0] * g.out_hw[1]
     macs_per_position = weight.shape[0] * c * g.k[0] * g.k[1]
+    banded = True if impl == "fast" else None
 
-    if impl == "reference":
-        y, skip, partial = _reference(x4, weight, bias, g, nan_threshold, fill, sigma, generator,
-                                      count_padding)
-        executed = positions
-        skipped, partials = int(skip.sum()), int(partial.sum())
-    else:
-        layout = _nan_layout(x4, g, nan_threshold, count_padding)
-        if layout is None:  # no NaN: the plain convolution
-            y = _dense(x4, weight, bias, g)
-            stats = ConvSkipStats(positions, 0, 0, macs_per_position, positions)
-            return (y.squeeze(0) if squeeze else y), stats
-        skipped, partials = layout.skip_counts()
-        y, executed = _fast(x4, weight, bias, g, layout, fill, sigma, generator, count_padding,
-                            banded=True if impl == "fast" else None)
-    stats = ConvSkipStats(positions, skipped, partials, macs_per_position, executed)
+    kernels = impl != "reference" and _kernels.enabled(x4, weight, *(
+        [] if partner is None else [partner])) and (partner is None or partner.dtype == x4.dtype)
+    if kernels:
+        y, skipped, partials, computed = _kernel_conv(
+            x4, weight, bias, g, nan_threshold, fill, sigma, generator, count_padding, banded,
+            pre, post, partner)
+    else:  # torch ops, the absorbed operations one after another
+        xin = x4 if pre is None else pre(x4)
+        if impl == "reference":
+            y, skip, partial = _reference(xin, weight, bias, g, nan_threshold, fill, sigma,
+                                          generator, count_padding)
+            computed = positions
+            skipped, partials = int(skip.sum()), int(partial.sum())
+        else:
+            layout = _nan_layout(xin, g, nan_threshold, count_padding)
+            if layout is None:  # no NaN: the plain convolution
+                y, skipped, partials, computed = _dense(xin, weight, bias, g), 0, 0, positions
+            else:
+                skipped, partials = layout.skip_counts()
+                y, computed = _fast(xin, weight, bias, g, layout, fill, sigma, generator,
+                                    count_padding, banded)
+        if post is not None:
+            y = post(y)
+        if partner is not None:
+            y = torch.maximum(y, partner)
+    stats = ConvSkipStats(positions, skipped, partials, macs_per_position, positions - skipped,
+                          computed)
     return (y.squeeze(0) if squeeze else y), stats
 
 
@@ -678,6 +896,9 @@ def nan_conv2d(
     count_padding: bool = False,
     impl: str = "auto",
     groups: int = 1,
+    pre_activation: Activation | None = None,
+    post_activation: Activation | None = None,
+    maxout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """2-D convolution that skips output positions whose input window is mostly NaN.
 
@@ -689,14 +910,22 @@ def nan_conv2d(
     plus bias is taken: ``fill="mean"``: the mean of the window's non-NaN entries;
     ``fill="noisy_max"``: independent draws from N(max of the non-NaN entries, ``sigma``)
     (reproducible with ``generator``); ``fill="zero"``: 0 (ReLU's value where it cuts); a
-    finite number: that constant. Without NaN it equals ``F.conv2d``.
+    finite number: that constant. Without NaN it equals ``F.conv2d``. (The fast path adds
+    the mean fill's term by linearity: if a window's numbers include +-inf, its mean is
+    infinite and the result may be +-inf where the per-entry sum gives inf - inf = NaN.)
 
     ``impl``: ``"reference"`` (im2col, slow, obviously correct), ``"fast"`` (banded dense conv
     over the active region) or ``"auto"`` (banded only when it saves work). ``groups`` must be 1.
+
+    Absorbed operations (:mod:`nanprobe.ops.fusion`): the result is
+    ``torch.maximum(post_activation(nan_conv2d(pre_activation(x))), maxout)``, each part
+    applied only when given; on CPU the kernels apply them in their own passes (``maxout``:
+    a tensor shaped like the output, e.g. FastSurfer's maxout with the block input).
     Returns (N, C_out, Ho, Wo) (or (C_out, Ho, Wo) for 3-D input); when the input holds NaN
     the result may be in channels-last memory layout (same values and shape).
     """
     return nan_conv2d_with_stats(
         x, weight, bias, stride, padding, dilation, nan_threshold=nan_threshold, fill=fill,
         sigma=sigma, generator=generator, count_padding=count_padding, impl=impl, groups=groups,
+        pre_activation=pre_activation, post_activation=post_activation, maxout=maxout,
     )[0]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._graph_fusion import FusedForward, calls_nan_ops, fuse_module
 from .modules import NanConv2d, NanMaxPool2d, NanMaxUnpool2d, SkipCounter
 
 POOL_OPTIONS = ("tie_limit", "tie_eps", "tie_rtol")
@@ -32,10 +33,14 @@ class NanifyWarning(UserWarning):
 
 @dataclass
 class NanifyReport:
-    """What :func:`nanify` did: converted layer name -> NaN type, and what it could not convert."""
+    """What :func:`nanify` did: converted layer name -> NaN type, what it could not convert,
+    what each NaN op absorbed (``fused``: op name -> absorbed layers) and the modules whose
+    forward calls NaN ops but could not be fused (``not_fused``: module name -> reason)."""
 
     converted: dict[str, str] = field(default_factory=dict)
     not_convertible: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, str] = field(default_factory=dict)
+    not_fused: dict[str, str] = field(default_factory=dict)
 
 
 def load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -150,6 +155,7 @@ def nanify(
     impl: str = "auto",
     config: str | Path | Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    fuse: bool = True,
 ) -> nn.Module:
     """Replace ``nn.MaxPool2d``, ``nn.MaxUnpool2d`` and ``nn.Conv2d`` modules by NaN versions.
 
@@ -161,6 +167,17 @@ def nanify(
     calls, grouped convs) is in ``model.nanify_report``; a :class:`NanifyWarning` names the rest.
     The NaN modules compute no gradients, and on CPU the convolutions may return channels-last
     tensors (same shapes and values): code after them must use ``reshape``, not ``view``.
+
+    ``fuse`` (default True): in each module whose forward calls the NaN ops, traced with
+    torch.fx, the NaN convolutions absorb an activation before them, an inference batch norm
+    (folded into the weights), an activation and a ``torch.maximum`` (FastSurfer's maxout)
+    after them, and NaN unpoolings a ``torch.maximum`` after them, wherever the intermediate
+    results have no other use (see :mod:`nanprobe.ops._graph_fusion`): skipped positions then
+    cost nothing after the convolution, and the outputs are those of the unfused model up to
+    float rounding (batch norm folding). Modules, parameters and ``state_dict`` are unchanged;
+    a module's forward is replaced per instance and falls back to the original in training
+    mode, under hooks on the modules involved and under torch dispatch modes. What was fused
+    and what could not be is in ``model.nanify_report``.
     """
     base = {"tie_limit": tie_limit, "tie_eps": tie_eps, "tie_rtol": tie_rtol,
             "nan_threshold": nan_threshold, "fill": fill, "sigma": sigma,
@@ -208,11 +225,26 @@ def nanify(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         report.converted[name] = type(new).__name__
+    if fuse:
+        _fuse(model, report)
     model.nanify_report = report
     if report.not_convertible:
         listed = "; ".join(f"{k}: {v}" for k, v in report.not_convertible.items())
         warnings.warn(f"nanify could not convert: {listed}", NanifyWarning, stacklevel=2)
     return model
+
+
+def _fuse(model: nn.Module, report: NanifyReport) -> None:
+    """Fuse every module whose forward calls NaN convs or unpools; record it in ``report``."""
+    for name, module in model.named_modules():
+        if isinstance(module, SkipCounter) or not calls_nan_ops(module):
+            continue
+        result = fuse_module(module)
+        prefix = f"{name}." if name else ""
+        if isinstance(result, FusedForward):
+            report.fused.update({prefix + site.op: site.absorbed for site in result.sites})
+        elif isinstance(result, str):
+            report.not_fused[name or "<root>"] = result
 
 
 def skip_stats(model: nn.Module, reset: bool = False) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _kernels
+from . import _kernels, _layout
 from ._args import (
     IntPair,
     check_input,
@@ -154,6 +154,25 @@ def nan_max_pool2d(
     Returns ``(values, indices)`` of shape (N, C, Ho, Wo) (int64 indices), or only ``values``
     when ``return_indices=False``. Without ties and NaN it equals ``F.max_pool2d``.
     """
+    values, indices, _ = nan_max_pool2d_with_count(
+        x, kernel_size, stride, padding, tie_limit=tie_limit, tie_eps=tie_eps,
+        tie_rtol=tie_rtol)
+    return (values, indices) if return_indices else values
+
+
+@torch.no_grad()
+def nan_max_pool2d_with_count(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    tie_limit: int | None = 1,
+    tie_eps: float = 1e-7,
+    tie_rtol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`nan_max_pool2d` (values and indices) and its number of NaN windows (used by
+    :class:`NanMaxPool2d`; the CPU kernel counts them as it writes)."""
     x4, squeeze = check_input(x)
     k, s, p = _pool_geometry(kernel_size, stride, padding)
     check_tie_limit(tie_limit)
@@ -164,12 +183,14 @@ def nan_max_pool2d(
     if min(out_hw) < 1:
         raise ValueError(f"input of spatial size {(h, w)} is smaller than kernel_size {k}")
     if _kernels.enabled(x4):
-        values, indices = _kernels.max_pool(x4, k, s, p, out_hw, tie_limit, tie_eps, tie_rtol)
+        values, indices, nans = _kernels.max_pool(x4, k, s, p, out_hw, tie_limit, tie_eps,
+                                                  tie_rtol)
     else:
         values, indices = _torch_max_pool(x4, k, s, p, tie_limit, tie_eps, tie_rtol)
+        nans = int(torch.isnan(values).sum())
     if squeeze:
         values, indices = values.squeeze(0), indices.squeeze(0)
-    return (values, indices) if return_indices else values
+    return values, indices, nans
 
 
 @torch.no_grad()
@@ -180,6 +201,8 @@ def nan_max_unpool2d(
     stride: IntPair | None = None,
     padding: IntPair = 0,
     output_size: tuple[int, ...] | torch.Size | None = None,
+    *,
+    maxout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Max unpooling that spreads NaN marks over their window.
 
@@ -188,6 +211,10 @@ def nan_max_unpool2d(
     ``F.max_unpool2d`` does; a NaN value writes NaN to every in-bounds position of its window
     (its index is ignored). Output: (N, C, H, W) with ``(H, W)`` from ``output_size`` (the last two
     entries are used) or the default ``(Ho - 1)*stride - 2*padding + kernel_size``.
+
+    ``maxout``: a tensor shaped like the output; the result is then
+    ``torch.maximum(unpooled, maxout)`` (FastSurfer's decoder), which the CPU kernels compute
+    while the unpooled rows are still in cache.
     """
     v4, squeeze = check_input(values, "values")
     if not isinstance(indices, torch.Tensor) or indices.shape != values.shape:
@@ -210,11 +237,21 @@ def nan_max_unpool2d(
         if expected != (ho, wo):
             raise ValueError(f"output_size {(h, w)} is inconsistent with pooled size {(ho, wo)} "
                              f"for kernel_size={k}, stride={s}, padding={p}")
-    if _kernels.enabled(v4):
-        out, bad = _kernels.max_unpool(v4, i4, k, s, p, (h, w))
+    partner = None
+    if maxout is not None:
+        if not isinstance(maxout, torch.Tensor) or maxout.numel() != n * c * h * w:
+            got = tuple(maxout.shape) if isinstance(maxout, torch.Tensor) else type(maxout)
+            raise ValueError(f"maxout must be a tensor shaped like the output "
+                             f"{(n, c, h, w)}, got {got}")
+        partner = maxout.reshape(n, c, h, w)
+    if _kernels.enabled(v4) and (partner is None or (
+            _kernels.enabled(partner) and partner.dtype == v4.dtype)):
+        out, bad, count, finite = _kernels.max_unpool(v4, i4, k, s, p, (h, w), partner)
         if bad:
             raise ValueError(f"indices out of range for an output of size {(h, w)}: "
                              f"expected values in [0, {h * w})")
+        if count is not None:
+            _layout.remember(out, count, finite)
         return out.squeeze(0) if squeeze else out
     nan = torch.isnan(v4)
     has_nan = bool(nan.any())
@@ -235,4 +272,6 @@ def nan_max_unpool2d(
         for view in _window_views(spread, k, s, (ho, wo)):
             view |= nan
         out.masked_fill_(spread[..., p[0] : p[0] + h, p[1] : p[1] + w], float("nan"))
+    if partner is not None:
+        out = torch.maximum(out, partner)
     return out.squeeze(0) if squeeze else out
