@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._mca_kernels import SPLITMIX_GAMMA, SPLITMIX_MUL
+from ._mca_kernels import NORMAL_SCALE, SPLITMIX_GAMMA, SPLITMIX_MUL
 
 
 @njit(parallel=True, cache=True)
@@ -126,3 +126,92 @@ def pad_transpose_f64(x, ph, pw, xp):
                 xp[c, n, r, col + pw] = x[n, c, rr, col]
             for col in range(pw + w, wp):
                 xp[c, n, r, col] = 0.0
+
+
+# ------------------------------------------------------------------ "flop" mode (reductions)
+@njit(inline="always")
+def _splitmix(key, idx):
+    """Word ``idx`` of the SplitMix64 stream seeded with ``key`` (uint64 key, int index)."""
+    z = key + np.uint64(idx + 1) * np.uint64(SPLITMIX_GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_MUL[0])
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_MUL[1])
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _ulp2(s):
+    """Square of the float32 ulp at float64 ``s`` (its binade clamped to float32's normal
+    range), 0.0 at 0: ``2**(2k - 46)``, ``k = floor(log2|s|)``, built from the bits."""
+    k = ((np.float64(s).view(np.int64) >> np.int64(52)) & np.int64(0x7FF)) - np.int64(1023)
+    k = min(max(k, np.int64(-126)), np.int64(127))
+    sq = np.int64((np.int64(2) * k + np.int64(977)) << np.int64(52))  # exponent 2k - 46 + 1023
+    return sq.view(np.float64) if s != 0.0 else 0.0
+
+
+@njit(inline="always")
+def _flop_value(s, v, word):
+    """float32 of the reduction ``s`` (float64) with Gaussian-like noise of variance ``v``:
+    ``s`` itself when it is exact in float32 (or NaN), else the nearest float32 of
+    ``s + sqrt(v) * g``, ``g`` the Irwin-Hall(4) normal of the word's four 16-bit fields."""
+    n = np.float32(s)
+    if np.float64(n) == s or s != s:
+        return n
+    f = ((word & np.uint64(0xFFFF)) + ((word >> np.uint64(16)) & np.uint64(0xFFFF))
+         + ((word >> np.uint64(32)) & np.uint64(0xFFFF)) + (word >> np.uint64(48)))
+    g = (np.float64(f) - 131070.0) * NORMAL_SCALE
+    return np.float32(s + math.sqrt(v) * g)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def flop_round_f32(s, v, out, index, key):
+    """``out`` (float32) = :func:`_flop_value` of float64 ``s`` and variance ``v`` per element
+    (4-D views in memory order, see ``_elementwise_views``); element idx takes SplitMix64 word
+    idx of ``key``."""
+    a, b, c, w = s.shape
+    for q in prange(a * b * c):
+        k = q % c
+        j = (q // c) % b
+        i = q // (b * c)
+        base = i * index[0] + j * index[1] + k * index[2]
+        for m in range(w):
+            out[i, j, k, m] = _flop_value(s[i, j, k, m], v[i, j, k, m],
+                                          _splitmix(key[0], base + m * index[3]))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def conv_flop_f32(parts, bias, counts, rows, offs, lo, plane, wp, key, out):
+    """Finish output columns ``lo .. lo + m`` of a GEMM-per-tap convolution in "flop" mode.
+
+    ``parts`` (P, O, m) float64: the reduction's chunks (kernel tap x channel block) in
+    accumulation order, each summed exactly; ``bias`` (O,) float64, the accumulator's start.
+    Part p adds ``counts[rows[p], lo + offs[p] + q]`` products to output column q (its
+    nonzero input channels). Per output, the partial sums S_p are accumulated in float64 and
+    the variance of the per-FMA random roundings estimated as
+    ``sum_p n_p * mean(ulp2(S_{p-1}), ulp2(S_p), ulp2(mid)) / 4``; the result is rounded by
+    :func:`_flop_value` into ``out[b, o, r, c]`` (float32, N x O x Ho x Wo, any strides), column
+    ``q`` being flat position ``b * plane + r * wp + c`` (columns with r >= Ho or c >= Wo are
+    skipped). Draw index: the row-major output index."""
+    p_, o_, m = parts.shape
+    ho, wo = out.shape[2], out.shape[3]
+    for i in prange(o_):
+        s = np.empty(m)
+        v = np.zeros(m)
+        for q in range(m):
+            s[q] = bias[i]
+        for p in range(p_):
+            row = rows[p]
+            off = lo + offs[p]
+            for q in range(m):
+                a = s[q]
+                z = a + parts[p, i, q]
+                v[q] += counts[row, off + q] * (_ulp2(a) + _ulp2(z) + _ulp2(0.5 * (a + z)))
+                s[q] = z
+        for q in range(m):
+            col = lo + q
+            bb = col // plane
+            rem = col - bb * plane
+            r = rem // wp
+            c = rem - r * wp
+            if r < ho and c < wo:
+                idx = ((bb * o_ + i) * ho + r) * wo + c
+                out[bb, i, r, c] = _flop_value(s[q], v[q] * (1.0 / 12.0), _splitmix(key[0], idx))

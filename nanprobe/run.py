@@ -30,7 +30,7 @@ from .jsonio import json_safe, write_json
 from .worker import JOB_FORMAT, model_and_input, run_job
 
 BACKENDS = ("inprocess", "verrou")
-MCA_MODES = ("rr", "sr", "mca")
+MCA_MODES = ("rr", "sr", "mca", "flop")
 MANIFEST = "run.json"
 
 
