@@ -1,7 +1,8 @@
 """Fused CPU passes of the in-process MCA backend (numba): random words, random rounding of
-float64 results (plain, PReLU, inference batch norm) to float32, and the padded float64
-operand of its convolution. The same bits come from torch ops where the kernels do not apply
-(:func:`splitmix_words_torch`; ``MCAMode._round_block``). Kernels compile on first use and are
+float64 results (plain, PReLU, inference batch norm) to float32, the padded float64 operand of
+its convolution, and the "flop" mode's convolution and noisy rounding. The same bits come from
+torch ops where the kernels do not apply (:func:`splitmix_words_torch`,
+:func:`flop_round_torch`; ``MCAMode._round_block``). Kernels compile on first use and are
 cached on disk by numba; availability and threading follow :mod:`nanprobe.ops._kernels`.
 """
 
@@ -142,10 +143,11 @@ def flop_round_f32(s: torch.Tensor, v: torch.Tensor, out: torch.Tensor, key: int
     _run(_compiled().flop_round_f32, *views, np.array([key], np.int64).view(np.uint64))
 
 
-def conv_flop_f32(parts: torch.Tensor, bias: torch.Tensor, counts: torch.Tensor,
-                  rows: np.ndarray, offs: np.ndarray, lo: int, plane: int, wp: int, key: int,
+def conv_flop_f32(xp: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor,
+                  dilation: tuple[int, int], kw: int, block: int, key: int,
                   out: torch.Tensor) -> None:
-    """Finish output columns ``lo ..`` of a GEMM-per-tap convolution in "flop" mode from its
-    chunk sums ``parts`` (see ``_mca_numba.conv_flop_f32``) into float32 ``out``."""
-    _run(_compiled().conv_flop_f32, parts.numpy(), bias.numpy(), counts.numpy(), rows, offs,
-         lo, plane, wp, np.array([key], np.int64).view(np.uint64), out.numpy())
+    """A stride-1 2-D convolution in "flop" mode in one fused pass (``_mca_numba.conv_flop_f32``):
+    ``xp`` the zero-padded (C, N, Hp, Wp) float64 input, ``taps`` (kh * kw, C, O) float64,
+    ``bias`` (O,) float64, ``out`` (N, O, Ho, Wo) float32."""
+    _run(_compiled().conv_flop_f32, xp.numpy(), taps.numpy(), bias.numpy(), *dilation, kw,
+         block, np.array([key], np.int64).view(np.uint64), out.numpy())

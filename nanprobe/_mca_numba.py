@@ -1,5 +1,6 @@
 """The numba kernels behind :mod:`nanprobe._mca_kernels` (imported lazily: compiling costs time):
-SplitMix64 random words, the fused random-rounding passes, the padded float64 operand."""
+SplitMix64 random words, the fused random-rounding passes, the padded float64 operand, and the
+"flop" mode's noisy rounding and fused convolution."""
 
 from __future__ import annotations
 
@@ -178,40 +179,62 @@ def flop_round_f32(s, v, out, index, key):
                                           _splitmix(key[0], base + m * index[3]))
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def conv_flop_f32(parts, bias, counts, rows, offs, lo, plane, wp, key, out):
-    """Finish output columns ``lo .. lo + m`` of a GEMM-per-tap convolution in "flop" mode.
+#: output columns per task of :func:`conv_flop_f32` (its accumulators stay in L1)
+FLOP_COLUMNS = 64
 
-    ``parts`` (P, O, m) float64: the reduction's chunks (kernel tap x channel block) in
-    accumulation order, each summed exactly; ``bias`` (O,) float64, the accumulator's start.
-    Part p adds ``counts[rows[p], lo + offs[p] + q]`` products to output column q (its
-    nonzero input channels). Per output, the partial sums S_p are accumulated in float64 and
-    the variance of the per-FMA random roundings estimated as
-    ``sum_p n_p * mean(ulp2(S_{p-1}), ulp2(S_p), ulp2(mid)) / 4``; the result is rounded by
-    :func:`_flop_value` into ``out[b, o, r, c]`` (float32, N x O x Ho x Wo, any strides), column
-    ``q`` being flat position ``b * plane + r * wp + c`` (columns with r >= Ho or c >= Wo are
-    skipped). Draw index: the row-major output index."""
-    p_, o_, m = parts.shape
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def conv_flop_f32(xp, wt, bias, dh, dw, kw, block, key, out):
+    """A stride-1 2-D convolution in "flop" mode, one fused pass (see ``nanprobe.mca``).
+
+    ``xp`` (C, N, Hp, Wp) float64: the zero-padded input; ``wt`` (T, C, O) float64: the
+    weights tap by tap (T = kh * kw, row-major); ``bias`` (O,) float64, the accumulators'
+    start; ``out`` (N, O, Ho, Wo) float32, any strides. Each output sums its products in
+    float64, kernel tap by tap and, within a tap, input channel by channel in blocks of
+    ``block``; after each block its variance grows by ``n * (ulp2(S_before) + ulp2(S_after))
+    / 8`` (n: the block's nonzero inputs), and the result is :func:`_flop_value` of the sum,
+    with SplitMix64 word idx of ``key`` for row-major output idx. Tasks: one output row and
+    :data:`FLOP_COLUMNS` columns, all output channels."""
+    c_, n_ = xp.shape[0], xp.shape[1]
+    t_, o_ = wt.shape[0], wt.shape[2]
     ho, wo = out.shape[2], out.shape[3]
-    for i in prange(o_):
-        s = np.empty(m)
-        v = np.zeros(m)
-        for q in range(m):
-            s[q] = bias[i]
-        for p in range(p_):
-            row = rows[p]
-            off = lo + offs[p]
+    width = FLOP_COLUMNS
+    blocks = (wo + width - 1) // width
+    for task in prange(n_ * ho * blocks):
+        q0 = (task % blocks) * width
+        r = (task // blocks) % ho
+        n = task // (blocks * ho)
+        m = min(width, wo - q0)
+        acc = np.empty((o_, width))
+        var = np.zeros((o_, width))
+        ulp = np.empty((o_, width))
+        cnt = np.empty(width)
+        for o in range(o_):
+            u0 = _ulp2(bias[o])
             for q in range(m):
-                a = s[q]
-                z = a + parts[p, i, q]
-                v[q] += counts[row, off + q] * (_ulp2(a) + _ulp2(z) + _ulp2(0.5 * (a + z)))
-                s[q] = z
-        for q in range(m):
-            col = lo + q
-            bb = col // plane
-            rem = col - bb * plane
-            r = rem // wp
-            c = rem - r * wp
-            if r < ho and c < wo:
-                idx = ((bb * o_ + i) * ho + r) * wo + c
-                out[bb, i, r, c] = _flop_value(s[q], v[q] * (1.0 / 12.0), _splitmix(key[0], idx))
+                acc[o, q] = bias[o]
+                ulp[o, q] = u0
+        for t in range(t_):
+            row = r + (t // kw) * dh
+            col = q0 + (t % kw) * dw
+            for c0 in range(0, c_, block):
+                for q in range(m):
+                    cnt[q] = 0.0
+                for c in range(c0, min(c_, c0 + block)):
+                    x = xp[c, n, row, col:col + m]
+                    for q in range(m):
+                        cnt[q] += 1.0 if x[q] != 0.0 else 0.0
+                    for o in range(o_):
+                        w = wt[t, c, o]
+                        for q in range(m):
+                            acc[o, q] += w * x[q]
+                for o in range(o_):
+                    for q in range(m):
+                        u = _ulp2(acc[o, q])
+                        var[o, q] += cnt[q] * (ulp[o, q] + u)
+                        ulp[o, q] = u
+        for o in range(o_):
+            base = ((n * o_ + o) * ho + r) * wo + q0
+            for q in range(m):
+                out[n, o, r, q0 + q] = _flop_value(acc[o, q], var[o, q] * 0.125,
+                                                   _splitmix(key[0], base + q))

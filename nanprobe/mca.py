@@ -60,7 +60,7 @@ matrix product in blocks of as many). Verrou rounds each FMA ``S = acc + w * x``
 result is not a float32 up or down with probability 1/2: an error of variance ``ulp(S)**2 / 4``
 whatever S's position between its neighbours. The K errors of an output add up to a random walk,
 modelled as one normal draw (Irwin-Hall of four 16-bit uniforms) of variance
-``sum_p n_p * mean(ulp2(S_{p-1}), ulp2(S_p), ulp2((S_{p-1} + S_p) / 2)) / 4`` over the chunks
+``sum_p n_p * (ulp2(S_{p-1}) + ulp2(S_p)) / 8`` over the chunks
 p, ``S_p`` the partial sums after each chunk and ``n_p`` its products with a nonzero input
 (``acc + 0 * w`` is exact; zero weights are counted). The result is the nearest float32 of the
 float64 sum plus that noise, or the sum itself when it is exact (a zero background plus bias
@@ -114,7 +114,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -406,9 +405,6 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
 #: "flop" mode splits each reduction into chunks of at most this many products: per kernel tap,
 #: blocks of input channels (convolutions); blocks of the inner dimension (matrix products)
 FLOP_BLOCK = 16
-#: bytes of chunk sums the fast "flop" convolution computes at a time (kept in cache)
-FLOP_CHUNK_BYTES = 2 << 20
-FLOP_MIN_CHUNK = 256
 _MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
                       torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default})
 
@@ -419,32 +415,14 @@ def _blocks_of(n: int, block: int) -> list[slice]:
 
 def _conv_flop_fast(x: Tensor, w: Tensor, b: Tensor | None, g: _Grid, key: int,
                     memory_format: torch.memory_format) -> Tensor:
-    """float32 "flop" result of a float32 convolution on the GEMM-per-tap grid ``g`` (CPU,
-    numba): chunk sums by GEMM, a cache-sized run of output columns at a time, finished by
-    ``_mca_numba.conv_flop_f32``. Same model and draws as :func:`_conv_chunks` +
-    :func:`_accumulate` + :func:`~nanprobe._mca_kernels.flop_round_torch`."""
-    flat = _padded64(x, g.ph, g.pw).view(g.c, -1)
-    blocks = _blocks_of(g.c, FLOP_BLOCK)
-    counts = scratch("mca_flop_counts", (len(blocks), flat.shape[1]), _F64)
-    for k, blk in enumerate(blocks):  # nonzero input channels per position and block
-        torch.sum(flat[blk] != 0, dim=0, out=counts[k])
-    taps = w.to(_F64).permute(2, 3, 0, 1).reshape(g.kh * g.kw, g.o, g.c)
-    order = [(t, k) for t in range(g.kh * g.kw) for k in range(len(blocks))]
-    rows = np.array([k for _, k in order], np.int64)
-    offs = np.array([g.offset(*divmod(t, g.kw)) for t, _ in order], np.int64)
-    weights = [taps[t, :, blocks[k]].contiguous() for t, k in order]
+    """float32 "flop" result of a float32 convolution on the grid ``g`` (CPU, numba), in one
+    fused pass: the same model and draws as :func:`_conv_chunks` + :func:`_accumulate` +
+    :func:`~nanprobe._mca_kernels.flop_round_torch` (float64 sums in another order)."""
+    xp = _padded64(x, g.ph, g.pw)
+    taps = w.to(_F64).permute(2, 3, 1, 0).reshape(g.kh * g.kw, g.c, g.o).contiguous()
     bias = b.to(_F64) if b is not None else torch.zeros(g.o, dtype=_F64)
     out = torch.empty((g.n, g.o, g.ho, g.wo), dtype=torch.float32, memory_format=memory_format)
-    step = max(FLOP_MIN_CHUNK, FLOP_CHUNK_BYTES // (8 * len(order) * g.o))
-    parts = scratch("mca_flop_parts", (len(order), g.o, step), _F64)
-    cols = g.cols
-    for lo in range(0, cols, step):
-        hi = min(cols, lo + step)
-        chunk = parts[:, :, :hi - lo] if hi - lo < step else parts
-        for p, (wt, blk, off) in enumerate(zip(weights, (blocks[k] for k in rows), offs,
-                                               strict=True)):
-            torch.mm(wt, flat[blk, off + lo:off + hi], out=chunk[p])
-        _mca_kernels.conv_flop_f32(chunk, bias, counts, rows, offs, lo, g.plane, g.wp, key, out)
+    _mca_kernels.conv_flop_f32(xp, taps, bias, (g.dh, g.dw), g.kw, FLOP_BLOCK, key, out)
     return out
 
 
@@ -507,18 +485,16 @@ def _accumulate(init: Tensor | None, chunks: Iterable[tuple[Tensor, Tensor]]
     variance of Verrou's per-FMA random roundings along the way (the "flop" model): a product
     added to a partial sum S rounds it up or down with probability 1/2, an error of variance
     ``ulp(S)**2 / 4`` whatever S's position between its neighbours; a chunk of n counted
-    products, whose partial sums run from S to S', adds ``n * mean(ulp2(S), ulp2(S'),
-    ulp2((S + S') / 2)) / 4``."""
+    products, whose partial sums run from S to S', adds ``n * (ulp2(S) + ulp2(S')) / 8``."""
     s, v = init, None
     for part, count in chunks:
         a = s if s is not None else torch.zeros_like(part)
         z = a + part
-        term = count * (_mca_kernels.ulp2_torch(a) + _mca_kernels.ulp2_torch(z)
-                        + _mca_kernels.ulp2_torch((a + z) * 0.5))
+        term = count * (_mca_kernels.ulp2_torch(a) + _mca_kernels.ulp2_torch(z))
         s, v = z, term if v is None else v + term
     if s is None:
         raise ValueError("a reduction without terms")
-    return s, (torch.zeros_like(s) if v is None else v * (1.0 / 12.0))
+    return s, (torch.zeros_like(s) if v is None else v * 0.125)
 
 
 class MCAMode(TorchDispatchMode):
