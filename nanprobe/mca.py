@@ -55,21 +55,23 @@ every sample).
 **Reductions ("flop" mode).** Float32 convolutions (any dimension, stride, dilation, groups;
 transposed too) and matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``) are summed in
 float64 in chunks, in the order oneDNN and MKL accumulate: bias (``beta * input``) first, then
-per kernel tap, blocks of at most :data:`FLOP_BLOCK` input channels (the inner dimension of a
-matrix product in blocks of as many). Verrou rounds each FMA ``S = acc + w * x`` whose exact
-result is not a float32 up or down with probability 1/2: an error of variance ``ulp(S)**2 / 4``
-whatever S's position between its neighbours. The K errors of an output add up to a random walk,
-modelled as one normal draw (Irwin-Hall of four 16-bit uniforms) of variance
-``sum_p n_p * (ulp2(S_{p-1}) + ulp2(S_p)) / 8`` over the chunks
-p, ``S_p`` the partial sums after each chunk and ``n_p`` its products with a nonzero input
-(``acc + 0 * w`` is exact; zero weights are counted). The result is the nearest float32 of the
-float64 sum plus that noise, or the sum itself when it is exact (a zero background plus bias
-stays exact, and its pooling ties survive). Checked against an exact emulation of per-FMA
-random rounding (``tests/test_mca_flop.py``): the spread per output within about 15 %.
-Verrou's per-FMA errors also have a mean, ``(1/2 - f) ulp`` for an exact result a fraction f of
-an ulp above its lower neighbour; while the partial sums of fixed data are not yet randomised,
-these add up to an offset of the size of float32's own rounding error, the same in every
-sample. The model leaves it out: its samples centre on the exact value. Other reductions
+per kernel tap, blocks of at most :data:`FLOP_BLOCK` input channels, at least
+:data:`FLOP_MIN_CHUNKS` chunks in all (the inner dimension of a matrix product likewise).
+Verrou rounds each FMA ``S = acc + w * x`` whose exact result is not a float32 up or down with
+probability 1/2: an error of variance ``ulp(S)**2 / 4`` whatever S's position between its
+neighbours. The K errors of an output add up to a random walk, modelled as one normal draw
+(Irwin-Hall of four 16-bit uniforms) of variance ``sum_p n_p * (ulp2(S_{p-1}) + ulp2(S_p)) / 8``
+over the chunks p, ``S_p`` the partial sum after chunk p and ``n_p`` its products with a nonzero
+input (``acc + 0 * w`` is exact; zero weights are counted). The result is the nearest float32
+of the float64 sum plus that noise, or the sum itself when it is exact (a zero background plus
+bias stays exact, and its pooling ties survive). Against an exact emulation of per-FMA random
+rounding (``tests/test_mca_flop.py``) the spread per output is within about 15 %; over every
+convolution output of the default U-Net the estimate's standard deviation is 0.90-1.11 times
+the exact per-FMA one (10th-90th percentile; ``benchmarks/bench_mca_fidelity.py --part
+model``). Verrou's per-FMA errors also have a mean, ``(1/2 - f) ulp`` for an exact result a
+fraction f of an ulp above its lower neighbour; while the partial sums of fixed data are not yet
+randomised, these add up to an offset of the size of float32's own rounding error, the same in
+every sample. The model leaves it out: its samples centre on the exact value. Other reductions
 (``sum``, ``mean``, norms, ``mv``, ``dot``) and ``out=`` / in-place products are rounded once,
 as in ``"rr"``; so are float16 / bfloat16 products (CPU kernels accumulate them in float32 and
 round once) and float64 ones (no wider format to recompute in).
@@ -403,14 +405,25 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
 
 # ------------------------------------------------------------------ "flop" mode: reductions
 #: "flop" mode splits each reduction into chunks of at most this many products: per kernel tap,
-#: blocks of input channels (convolutions); blocks of the inner dimension (matrix products)
+#: blocks of input channels (convolutions); blocks of the inner dimension (matrix products)...
 FLOP_BLOCK = 16
+#: ...and into at least this many chunks (a 1x1 convolution of 16 channels: blocks of 2)
+FLOP_MIN_CHUNKS = 8
 _MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
                       torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default})
 
 
 def _blocks_of(n: int, block: int) -> list[slice]:
     return [slice(j, min(n, j + block)) for j in range(0, n, block)]
+
+
+def _flop_block(channels: int, taps: int) -> int:
+    """Channels per chunk of a reduction over ``channels`` x ``taps`` products (taps outer):
+    at most :data:`FLOP_BLOCK`, small enough for :data:`FLOP_MIN_CHUNKS` chunks in all (the
+    variance estimate of a chunk assumes its partial sums run straight from its start to its
+    end: with fewer, longer chunks it strays, measured)."""
+    per_tap = -(-FLOP_MIN_CHUNKS // max(taps, 1))
+    return max(1, min(FLOP_BLOCK, -(-channels // per_tap)))
 
 
 def _conv_flop_fast(x: Tensor, w: Tensor, b: Tensor | None, g: _Grid, key: int,
@@ -422,7 +435,8 @@ def _conv_flop_fast(x: Tensor, w: Tensor, b: Tensor | None, g: _Grid, key: int,
     taps = w.to(_F64).permute(2, 3, 1, 0).reshape(g.kh * g.kw, g.c, g.o).contiguous()
     bias = b.to(_F64) if b is not None else torch.zeros(g.o, dtype=_F64)
     out = torch.empty((g.n, g.o, g.ho, g.wo), dtype=torch.float32, memory_format=memory_format)
-    _mca_kernels.conv_flop_f32(xp, taps, bias, (g.dh, g.dw), g.kw, FLOP_BLOCK, key, out)
+    block = _flop_block(g.c, g.kh * g.kw)
+    _mca_kernels.conv_flop_f32(xp, taps, bias, (g.dh, g.dw), g.kw, block, key, out)
     return out
 
 
@@ -430,15 +444,16 @@ def _conv_chunks(x: Tensor, w: Tensor, stride: list[int], padding: list[int],
                  dilation: list[int], transposed: bool, output_padding: list[int],
                  groups: int) -> Iterator[tuple[Tensor, Tensor]]:
     """(chunk sum, products counted) of a float64 convolution without bias, per kernel tap and
-    block of :data:`FLOP_BLOCK` input channels (of each group), in that order; products with
+    block of input channels (of each group, :func:`_flop_block`), in that order; products with
     a zero input count as exact, zero weights do not. Any dimensionality, stride, dilation,
     groups; transposed convolutions by masked weights (slow)."""
     taps = list(itertools.product(*map(range, w.shape[2:])))
+    per_group = w.shape[0] // groups if transposed else w.shape[1]
+    block = _flop_block(per_group, len(taps))
     if transposed:
-        per_group = w.shape[0] // groups
         nonzero = (x != 0).to(x.dtype)
         for tap in taps:
-            for blk in _blocks_of(per_group, FLOP_BLOCK):
+            for blk in _blocks_of(per_group, block):
                 mask = torch.zeros_like(w)
                 for gi in range(groups):
                     mask[(slice(gi * per_group + blk.start, gi * per_group + blk.stop),
@@ -451,13 +466,12 @@ def _conv_chunks(x: Tensor, w: Tensor, stride: list[int], padding: list[int],
     xp = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
     size = [(xp.shape[2 + k] - dilation[k] * (w.shape[2 + k] - 1) - 1) // stride[k] + 1
             for k in range(d)]
-    per_group = w.shape[1]
     for tap in taps:
         index = tuple(slice(t * dl, t * dl + (n - 1) * st + 1, st)
                       for t, dl, n, st in zip(tap, dilation, size, stride, strict=True))
         xs = xp[(slice(None), slice(None), *index)]
         wt = w[(slice(None), slice(None), *(slice(t, t + 1) for t in tap))]
-        for blk in _blocks_of(per_group, FLOP_BLOCK):
+        for blk in _blocks_of(per_group, block):
             chans = (torch.arange(groups)[:, None] * per_group
                      + torch.arange(blk.start, blk.stop)).view(-1)
             xb = xs if blk.stop - blk.start == per_group else xs[:, chans.to(xs.device)]
@@ -470,9 +484,9 @@ def _conv_chunks(x: Tensor, w: Tensor, stride: list[int], padding: list[int],
 
 def _matmul_chunks(a: Tensor, b: Tensor, alpha: float = 1.0) -> Iterator[tuple[Tensor, Tensor]]:
     """(chunk sum, products counted) of ``alpha * a @ b`` (float64, 2-D or batched 3-D) per
-    block of :data:`FLOP_BLOCK` of the inner dimension; products with a zero factor count as
+    block of the inner dimension (:func:`_flop_block`); products with a zero factor count as
     exact."""
-    for blk in _blocks_of(a.shape[-1], FLOP_BLOCK):
+    for blk in _blocks_of(a.shape[-1], _flop_block(a.shape[-1], 1)):
         ak, bk = a[..., blk], b[..., blk, :]
         part = ak @ bk
         yield (part if alpha == 1 else part * alpha,

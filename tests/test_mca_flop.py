@@ -162,8 +162,8 @@ def linear_reference() -> np.ndarray:
 
 
 def test_linear_noise_matches_per_fma_random_rounding(kernels, linear_reference) -> None:
-    """addmm (nn.Linear) in chunks of 16: the chunked estimate of the variance is within about
-    15 % of the exact per-FMA one for most outputs (10 % low at the 10th percentile)."""
+    """addmm (nn.Linear) in 9 chunks of 16: the chunked estimate of the variance is within
+    about 15 % of the exact per-FMA one for most outputs (10 % low at the 10th percentile)."""
     layer, x = linear_case()
     fast = []
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_matmul_chunks_and_scalars() -> None:
     a, b = torch.randn(3, 5, 37, generator=g), torch.randn(3, 37, 4, generator=g)
     a[a.abs() < 0.3] = 0.0
     chunks = list(_matmul_chunks(a.double(), b.double(), 0.5))
-    assert len(chunks) == 3
+    assert len(chunks) == 8  # blocks of 5: at least 8 chunks
     torch.testing.assert_close(sum(c[0] for c in chunks), 0.5 * a.double() @ b.double())
     assert torch.equal(sum(c[1] for c in chunks), (a != 0).double() @ torch.ones(3, 37, 4).double())
     inp = torch.randn(5, 4, generator=g)
