@@ -179,8 +179,9 @@ def flop_round_f32(s, v, out, index, key):
                                           _splitmix(key[0], base + m * index[3]))
 
 
-#: output columns per task of :func:`conv_flop_f32` (its accumulators stay in L1)
-FLOP_COLUMNS = 64
+#: output columns and output channels per task of :func:`conv_flop_f32` (its three
+#: accumulator tiles, 8 KiB each, stay in L1)
+FLOP_COLUMNS, FLOP_CHANNELS = 64, 16
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -193,26 +194,27 @@ def conv_flop_f32(xp, wt, bias, dh, dw, kw, block, key, out):
     float64, kernel tap by tap and, within a tap, input channel by channel in blocks of
     ``block``; after each block its variance grows by ``n * (ulp2(S_before) + ulp2(S_after))
     / 8`` (n: the block's nonzero inputs), and the result is :func:`_flop_value` of the sum,
-    with SplitMix64 word idx of ``key`` for row-major output idx. Tasks: one output row and
-    :data:`FLOP_COLUMNS` columns, all output channels."""
+    with SplitMix64 word idx of ``key`` for row-major output idx. Tasks: one output row,
+    :data:`FLOP_COLUMNS` columns and :data:`FLOP_CHANNELS` output channels."""
     c_, n_ = xp.shape[0], xp.shape[1]
     t_, o_ = wt.shape[0], wt.shape[2]
     ho, wo = out.shape[2], out.shape[3]
-    width = FLOP_COLUMNS
-    blocks = (wo + width - 1) // width
-    for task in prange(n_ * ho * blocks):
+    width, depth = FLOP_COLUMNS, FLOP_CHANNELS
+    blocks, tiles = (wo + width - 1) // width, (o_ + depth - 1) // depth
+    for task in prange(n_ * ho * blocks * tiles):
         q0 = (task % blocks) * width
-        r = (task // blocks) % ho
-        n = task // (blocks * ho)
-        m = min(width, wo - q0)
-        acc = np.empty((o_, width))
-        var = np.zeros((o_, width))
-        ulp = np.empty((o_, width))
+        o0 = ((task // blocks) % tiles) * depth
+        r = (task // (blocks * tiles)) % ho
+        n = task // (blocks * tiles * ho)
+        m, d = min(width, wo - q0), min(depth, o_ - o0)
+        acc = np.empty((depth, width))
+        var = np.zeros((depth, width))
+        ulp = np.empty((depth, width))
         cnt = np.empty(width)
-        for o in range(o_):
-            u0 = _ulp2(bias[o])
+        for o in range(d):
+            u0 = _ulp2(bias[o0 + o])
             for q in range(m):
-                acc[o, q] = bias[o]
+                acc[o, q] = bias[o0 + o]
                 ulp[o, q] = u0
         for t in range(t_):
             row = r + (t // kw) * dh
@@ -224,17 +226,17 @@ def conv_flop_f32(xp, wt, bias, dh, dw, kw, block, key, out):
                     x = xp[c, n, row, col:col + m]
                     for q in range(m):
                         cnt[q] += 1.0 if x[q] != 0.0 else 0.0
-                    for o in range(o_):
-                        w = wt[t, c, o]
+                    for o in range(d):
+                        w = wt[t, c, o0 + o]
                         for q in range(m):
                             acc[o, q] += w * x[q]
-                for o in range(o_):
+                for o in range(d):
                     for q in range(m):
                         u = _ulp2(acc[o, q])
                         var[o, q] += cnt[q] * (ulp[o, q] + u)
                         ulp[o, q] = u
-        for o in range(o_):
-            base = ((n * o_ + o) * ho + r) * wo + q0
+        for o in range(d):
+            base = ((n * o_ + o0 + o) * ho + r) * wo + q0
             for q in range(m):
-                out[n, o, r, q0 + q] = _flop_value(acc[o, q], var[o, q] * 0.125,
-                                                   _splitmix(key[0], base + q))
+                out[n, o0 + o, r, q0 + q] = _flop_value(acc[o, q], var[o, q] * 0.125,
+                                                        _splitmix(key[0], base + q))

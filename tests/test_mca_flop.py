@@ -273,11 +273,12 @@ def test_matmul_chunks_and_scalars() -> None:
 
 
 def test_fast_convolution_matches_the_generic_path(monkeypatch) -> None:
-    """The numba GEMM-per-tap path and the torch ops give the same draws and the same model."""
+    """The fused numba pass and the torch ops give the same draws and the same model (20
+    output channels and 70 columns: two tiles of each in the numba pass, the second short)."""
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 20, 9, 10, generator=g)
+    x = torch.randn(2, 20, 9, 70, generator=g)
     x[:, :, :3] = 0.0  # a zero band: exact outputs there
-    w, b = torch.randn(3, 20, 3, 3, generator=g), torch.randn(3, generator=g)
+    w, b = torch.randn(20, 20, 3, 3, generator=g), torch.randn(20, generator=g)
     got = []
     for path in ("numba", "torch"):
         monkeypatch.setenv("NANPROBE_KERNELS", path)
@@ -290,6 +291,7 @@ def test_fast_convolution_matches_the_generic_path(monkeypatch) -> None:
         assert same > 0.999, same
     exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
     assert torch.equal(got[0][:, :, :2], exact[:, :, :2].float())  # bias exactly
+    assert torch.equal(got[0][:, :, :2], b.view(1, 20, 1, 1).expand(2, 20, 2, 70))
     assert (got[0][:, :, 3:] != exact[:, :, 3:].float()).double().mean() > 0.5
 
 
