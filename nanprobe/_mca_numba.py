@@ -153,14 +153,14 @@ def _ulp2(s):
 def _flop_value(s, v, word):
     """float32 of the reduction ``s`` (float64) with Gaussian-like noise of variance ``v``:
     ``s`` itself when it is exact in float32 (or NaN), else the nearest float32 of
-    ``s + sqrt(v) * g``, ``g`` the Irwin-Hall(4) normal of the word's four 16-bit fields."""
+    ``s + sqrt(v) * g``, ``g`` the Irwin-Hall(4) normal of the word's four 16-bit fields.
+    Branch-free (both computed, one kept): the loops around it vectorise."""
     n = np.float32(s)
-    if np.float64(n) == s or s != s:
-        return n
     f = ((word & np.uint64(0xFFFF)) + ((word >> np.uint64(16)) & np.uint64(0xFFFF))
          + ((word >> np.uint64(32)) & np.uint64(0xFFFF)) + (word >> np.uint64(48)))
     g = (np.float64(f) - 131070.0) * NORMAL_SCALE
-    return np.float32(s + math.sqrt(v) * g)
+    noisy = np.float32(s + math.sqrt(v) * g)
+    return n if (np.float64(n) == s) | (s != s) else noisy
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -235,8 +235,9 @@ def conv_flop_f32(xp, wt, bias, dh, dw, kw, block, key, out):
                         u = _ulp2(acc[o, q])
                         var[o, q] += cnt[q] * (ulp[o, q] + u)
                         ulp[o, q] = u
+        k = key[0]
         for o in range(d):
             base = ((n * o_ + o0 + o) * ho + r) * wo + q0
             for q in range(m):
                 out[n, o0 + o, r, q0 + q] = _flop_value(acc[o, q], var[o, q] * 0.125,
-                                                        _splitmix(key[0], base + q))
+                                                        _splitmix(k, base + q))
