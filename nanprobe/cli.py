@@ -128,7 +128,8 @@ def mca_run_cmd(
         "sample).")] = "inprocess",
     mode: Annotated[str, typer.Option(
         help="In-process rounding: rr (random rounding, like Verrou random), sr (stochastic, "
-        "like Verrou nearness) or mca (virtual precision).")] = "rr",
+        "like Verrou nearness), mca (virtual precision) or flop (Verrou random on every FMA of "
+        "convolutions and matrix products, modelled; docs/verrou.md).")] = "rr",
     precision: Annotated[int, typer.Option(
         min=1, max=52, help="Virtual precision t in bits for --mode mca.")] = 24,
     rounding_mode: Annotated[str, typer.Option(
