@@ -42,8 +42,8 @@ class RunSpec:
     input: str = "default"
     samples: int = 10
     seed: int = 0
-    backend: dict[str, Any] = field(default_factory=lambda: {"name": "inprocess", "mode": "rr",
-                                                             "precision": 24})
+    backend: dict[str, Any] = field(default_factory=lambda: {"name": "inprocess",
+                                                             "mode": "flop", "precision": 24})
     checkpoint: str | None = None
     view: str | None = None
     slices: str | None = None
