@@ -18,7 +18,8 @@ How one op is perturbed (float32, float16 and bfloat16 results):
    exact, so its max-pool windows stay tied in every sample.
 3. An inexact ``y`` is rounded to one of its two neighbours in the working dtype:
 
-   - ``"rr"`` (default): each with probability 1/2, like Verrou ``--rounding-mode=random``;
+   - ``"rr"`` (:func:`mca_mode`'s default; runs default to ``"flop"``): each with probability
+     1/2, like Verrou ``--rounding-mode=random``;
    - ``"sr"``: stochastic rounding, the farther neighbour with probability
      ``|y - nearest| / ulp``, like Verrou ``nearness`` (unbiased: the expected result is ``y``);
    - ``"mca"``: verificarlo's random-rounding noise at virtual precision ``t`` (``precision``),
@@ -96,13 +97,15 @@ the words differently from 0.3.0 (``MCAMode._draws``), which drew differently fr
 versions: the same seed gives other, equally valid samples.
 
 **Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
-results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe._mca_kernels`,
+results in ``"rr"``, ``"sr"`` and ``"flop"`` one fused pass on CPU (:mod:`nanprobe._mca_kernels`,
 bit-identical to the torch ops used elsewhere; PReLU and inference batch norm are even computed
-in that pass), otherwise about ten elementwise passes run block by block in cache. On 2 CPU
-threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes
-2.9-3.3x its plain time in ``"rr"`` (3.6-3.8x when the plain forward pays no page faults on
-fresh outputs), 3.5-3.9x in ``"sr"`` and 7-8x in ``"mca"``; most of it is the float64
-convolution and the rounding of its result (about 4x a float32 one).
+in that pass, and a ``"flop"`` convolution is computed, its variance estimated and rounded in
+one), otherwise about ten elementwise passes run block by block in cache. On 2 CPU threads a
+forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes 2.9-3.7x its
+plain time in ``"rr"`` (3.6-3.8x when the plain forward pays no page faults on fresh outputs),
+3.5-4.2x in ``"sr"``, 3.7-4.9x in ``"flop"`` and 7-11x in ``"mca"`` (docs/verrou.md); most of
+it is the float64 convolution. ``"flop"``'s fused convolution costs about 1.5x ``"rr"``'s
+(GEMMs per tap) at 16 channels, 2.3x at 71.
 """
 
 from __future__ import annotations
