@@ -1,11 +1,14 @@
 """Fused CPU passes of the in-process MCA backend (numba): random words, random rounding of
-float64 results (plain, PReLU, inference batch norm) to float32, and the padded float64
-operand of its convolution. The same bits come from torch ops where the kernels do not apply
-(:func:`splitmix_words_torch`; ``MCAMode._round_block``). Kernels compile on first use and are
+float64 results (plain, PReLU, inference batch norm) to float32, the padded float64 operand of
+its convolution, and the "flop" mode's convolution and noisy rounding. The same bits come from
+torch ops where the kernels do not apply (:func:`splitmix_words_torch`,
+:func:`flop_round_torch`; ``MCAMode._round_block``). Kernels compile on first use and are
 cached on disk by numba; availability and threading follow :mod:`nanprobe.ops._kernels`.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -15,6 +18,9 @@ from .ops._kernels import _run
 #: SplitMix64 (Steele, Lea and Flood 2014): the Weyl increment and the two mixing multipliers
 SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
 SPLITMIX_MUL = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+#: "flop" mode's normal draw: the sum of a word's four 16-bit fields (Irwin-Hall, n = 4) minus
+#: its mean 131070, times this (sqrt(3) / 2**16): unit variance, bounded by +-2**0.5 * 3**0.5 * 2
+NORMAL_SCALE = math.sqrt(3.0) / 65536.0
 
 
 def _compiled():
@@ -108,3 +114,40 @@ def pad_transpose_f64(x: torch.Tensor, padding: tuple[int, int], out: torch.Tens
     """``out`` (C, N, H + 2ph, W + 2pw) float64 = (N, C, H, W) ``x``, zero-padded, in one
     pass."""
     _run(_compiled().pad_transpose_f64, x.detach().numpy(), *padding, out.numpy())
+
+
+def ulp2_torch(s: torch.Tensor) -> torch.Tensor:
+    """Square of the float32 ulp at each float64 ``s`` (binade clamped to float32's normal
+    range), 0 at 0; the numba kernels' ``_ulp2``."""
+    exponent = torch.frexp(s).exponent.clamp_(-125, 128)  # s = m * 2**e, 1/2 <= |m| < 1
+    return torch.where(s == 0, 0.0, torch.ldexp(torch.ones_like(s), 2 * exponent - 48))
+
+
+def flop_round_torch(s: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
+    """float32 of float64 reductions ``s`` with noise of variance ``v`` (same shape): ``s``
+    where exact in float32 (or NaN), else the nearest float32 of ``s + sqrt(v) * g``, ``g`` the
+    Irwin-Hall(4) normal of SplitMix64 word i of ``key`` for row-major element i (torch ops,
+    any device; :func:`flop_round_f32` gives the same bits)."""
+    words = splitmix_words_torch(key, s.numel(), s.device).view(s.shape)
+    f = sum((words >> k) & 0xFFFF for k in (0, 16, 32, 48))
+    g = (f.to(torch.float64) - 131070.0).mul_(NORMAL_SCALE)
+    n = s.to(torch.float32)
+    exact = (n.to(torch.float64) == s) | torch.isnan(s)
+    return torch.where(exact, n, (s + torch.sqrt(v) * g).to(torch.float32))
+
+
+def flop_round_f32(s: torch.Tensor, v: torch.Tensor, out: torch.Tensor, key: int) -> None:
+    """:func:`flop_round_torch` of ``s`` and ``v`` (float64, at most 4-D, same shape) into
+    float32 ``out`` (same shape, any strides) in one pass."""
+    views = _elementwise_views(out, s, v, out)
+    _run(_compiled().flop_round_f32, *views, np.array([key], np.int64).view(np.uint64))
+
+
+def conv_flop_f32(xp: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor,
+                  dilation: tuple[int, int], kw: int, block: int, key: int,
+                  out: torch.Tensor) -> None:
+    """A stride-1 2-D convolution in "flop" mode in one fused pass (``_mca_numba.conv_flop_f32``):
+    ``xp`` the zero-padded (C, N, Hp, Wp) float64 input, ``taps`` (kh * kw, C, O) float64,
+    ``bias`` (O,) float64, ``out`` (N, O, Ho, Wo) float32."""
+    _run(_compiled().conv_flop_f32, xp.numpy(), taps.numpy(), bias.numpy(), *dilation, kw,
+         block, np.array([key], np.int64).view(np.uint64), out.numpy())

@@ -1,5 +1,6 @@
 """The numba kernels behind :mod:`nanprobe._mca_kernels` (imported lazily: compiling costs time):
-SplitMix64 random words, the fused random-rounding passes, the padded float64 operand."""
+SplitMix64 random words, the fused random-rounding passes, the padded float64 operand, and the
+"flop" mode's noisy rounding and fused convolution."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._mca_kernels import SPLITMIX_GAMMA, SPLITMIX_MUL
+from ._mca_kernels import NORMAL_SCALE, SPLITMIX_GAMMA, SPLITMIX_MUL
 
 
 @njit(parallel=True, cache=True)
@@ -126,3 +127,117 @@ def pad_transpose_f64(x, ph, pw, xp):
                 xp[c, n, r, col + pw] = x[n, c, rr, col]
             for col in range(pw + w, wp):
                 xp[c, n, r, col] = 0.0
+
+
+# ------------------------------------------------------------------ "flop" mode (reductions)
+@njit(inline="always")
+def _splitmix(key, idx):
+    """Word ``idx`` of the SplitMix64 stream seeded with ``key`` (uint64 key, int index)."""
+    z = key + np.uint64(idx + 1) * np.uint64(SPLITMIX_GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_MUL[0])
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_MUL[1])
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _ulp2(s):
+    """Square of the float32 ulp at float64 ``s`` (its binade clamped to float32's normal
+    range), 0.0 at 0: ``2**(2k - 46)``, ``k = floor(log2|s|)``, built from the bits."""
+    k = ((np.float64(s).view(np.int64) >> np.int64(52)) & np.int64(0x7FF)) - np.int64(1023)
+    k = min(max(k, np.int64(-126)), np.int64(127))
+    sq = np.int64((np.int64(2) * k + np.int64(977)) << np.int64(52))  # exponent 2k - 46 + 1023
+    return sq.view(np.float64) if s != 0.0 else 0.0
+
+
+@njit(inline="always")
+def _flop_value(s, v, word):
+    """float32 of the reduction ``s`` (float64) with Gaussian-like noise of variance ``v``:
+    ``s`` itself when it is exact in float32 (or NaN), else the nearest float32 of
+    ``s + sqrt(v) * g``, ``g`` the Irwin-Hall(4) normal of the word's four 16-bit fields.
+    Branch-free (both computed, one kept): the loops around it vectorise."""
+    n = np.float32(s)
+    f = ((word & np.uint64(0xFFFF)) + ((word >> np.uint64(16)) & np.uint64(0xFFFF))
+         + ((word >> np.uint64(32)) & np.uint64(0xFFFF)) + (word >> np.uint64(48)))
+    g = (np.float64(f) - 131070.0) * NORMAL_SCALE
+    noisy = np.float32(s + math.sqrt(v) * g)
+    return n if (np.float64(n) == s) | (s != s) else noisy
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def flop_round_f32(s, v, out, index, key):
+    """``out`` (float32) = :func:`_flop_value` of float64 ``s`` and variance ``v`` per element
+    (4-D views in memory order, see ``_elementwise_views``); element idx takes SplitMix64 word
+    idx of ``key``."""
+    a, b, c, w = s.shape
+    for q in prange(a * b * c):
+        k = q % c
+        j = (q // c) % b
+        i = q // (b * c)
+        base = i * index[0] + j * index[1] + k * index[2]
+        for m in range(w):
+            out[i, j, k, m] = _flop_value(s[i, j, k, m], v[i, j, k, m],
+                                          _splitmix(key[0], base + m * index[3]))
+
+
+#: output columns and output channels per task of :func:`conv_flop_f32` (its three
+#: accumulator tiles, 8 KiB each, stay in L1)
+FLOP_COLUMNS, FLOP_CHANNELS = 64, 16
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def conv_flop_f32(xp, wt, bias, dh, dw, kw, block, key, out):
+    """A stride-1 2-D convolution in "flop" mode, one fused pass (see ``nanprobe.mca``).
+
+    ``xp`` (C, N, Hp, Wp) float64: the zero-padded input; ``wt`` (T, C, O) float64: the
+    weights tap by tap (T = kh * kw, row-major); ``bias`` (O,) float64, the accumulators'
+    start; ``out`` (N, O, Ho, Wo) float32, any strides. Each output sums its products in
+    float64, kernel tap by tap and, within a tap, input channel by channel in blocks of
+    ``block``; after each block its variance grows by ``n * (ulp2(S_before) + ulp2(S_after))
+    / 8`` (n: the block's nonzero inputs), and the result is :func:`_flop_value` of the sum,
+    with SplitMix64 word idx of ``key`` for row-major output idx. Tasks: one output row,
+    :data:`FLOP_COLUMNS` columns and :data:`FLOP_CHANNELS` output channels."""
+    c_, n_ = xp.shape[0], xp.shape[1]
+    t_, o_ = wt.shape[0], wt.shape[2]
+    ho, wo = out.shape[2], out.shape[3]
+    width, depth = FLOP_COLUMNS, FLOP_CHANNELS
+    blocks, tiles = (wo + width - 1) // width, (o_ + depth - 1) // depth
+    for task in prange(n_ * ho * blocks * tiles):
+        q0 = (task % blocks) * width
+        o0 = ((task // blocks) % tiles) * depth
+        r = (task // (blocks * tiles)) % ho
+        n = task // (blocks * tiles * ho)
+        m, d = min(width, wo - q0), min(depth, o_ - o0)
+        acc = np.empty((depth, width))
+        var = np.zeros((depth, width))
+        ulp = np.empty((depth, width))
+        cnt = np.empty(width)
+        for o in range(d):
+            u0 = _ulp2(bias[o0 + o])
+            for q in range(m):
+                acc[o, q] = bias[o0 + o]
+                ulp[o, q] = u0
+        for t in range(t_):
+            row = r + (t // kw) * dh
+            col = q0 + (t % kw) * dw
+            for c0 in range(0, c_, block):
+                for q in range(m):
+                    cnt[q] = 0.0
+                for c in range(c0, min(c_, c0 + block)):
+                    x = xp[c, n, row, col:col + m]
+                    for q in range(m):
+                        cnt[q] += 1.0 if x[q] != 0.0 else 0.0
+                    for o in range(d):
+                        w = wt[t, c, o0 + o]
+                        for q in range(m):
+                            acc[o, q] += w * x[q]
+                for o in range(d):
+                    for q in range(m):
+                        u = _ulp2(acc[o, q])
+                        var[o, q] += cnt[q] * (ulp[o, q] + u)
+                        ulp[o, q] = u
+        k = key[0]
+        for o in range(d):
+            base = ((n * o_ + o0 + o) * ho + r) * wo + q0
+            for q in range(m):
+                out[n, o0 + o, r, q0 + q] = _flop_value(acc[o, q], var[o, q] * 0.125,
+                                                        _splitmix(k, base + q))

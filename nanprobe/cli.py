@@ -238,8 +238,9 @@ def mca_run_cmd(
         help="inprocess (embedded MCA, default) or verrou (Valgrind/Verrou, one process per "
         "sample).")] = "inprocess",
     mode: Annotated[str, typer.Option(
-        help="In-process rounding: rr (random rounding, like Verrou random), sr (stochastic, "
-        "like Verrou nearness) or mca (virtual precision).")] = "rr",
+        help="In-process rounding: flop (default: Verrou random on every FMA of convolutions "
+        "and matrix products, modelled; docs/verrou.md), rr (random rounding once per op "
+        "result), sr (stochastic, like Verrou nearness) or mca (virtual precision).")] = "flop",
     precision: Annotated[int, typer.Option(
         min=1, max=52, help="Virtual precision t in bits for --mode mca.")] = 24,
     rounding_mode: Annotated[str, typer.Option(

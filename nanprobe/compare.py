@@ -19,6 +19,7 @@ selections (slices, view) are refused with a one-line ValueError.
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -222,6 +223,8 @@ def compare_runs(
     there (atomically). Returns a JSON-safe dict: ``pooling`` (per layer and ``"all"``),
     ``sigbits`` (per capture key, or null with a ``sigbits_note``), ``samples``, ``provenance``.
     """
+    if Path(run_b).suffix == ".npz":  # pooling indices of a Verrou run (../shared/verrou-truth)
+        return compare_to_truth(run_a, run_b, out=out)
     a, b = Run(run_a), Run(run_b)
     check_comparable(a, b)
     groups_b = set(pool_groups(b))
@@ -289,3 +292,91 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if result.get("sigbits_note"):
         lines.append(result["sigbits_note"])
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# run B as a truth file: pooling indices of a reference and its samples (../shared/verrou-truth)
+
+TRUTH_SUFFIX = "_pool_indices.npz"
+
+
+def truth_unstable(path: str | Path) -> dict[str, np.ndarray]:
+    """Unstable windows per pooling layer of a truth file: layer (``encode1.maxpool``) ->
+    bool (N, C, Ho, Wo), a window being unstable when any sample's index differs from the
+    reference's.
+
+    The file (``.npz``) holds per pooling layer (dots written as ``__``) the ``indices``
+    (1 + S, N, C, Ho, Wo) of the reference (index 0) and S samples; other keys (e.g.
+    ``final_labels``) are ignored.
+    """
+    with np.load(path) as npz:
+        layers = {k.replace("__", "."): npz[k] for k in npz.files if k != "final_labels"}
+    if not layers or any(v.ndim != 5 or v.shape[0] < 2 for v in layers.values()):
+        raise ValueError(f"{path} is not a truth file: expected per pooling layer indices "
+                         "shaped (1 + samples, N, C, Ho, Wo), reference first")
+    return {k: (v[1:] != v[0]).any(0) for k, v in layers.items()}
+
+
+def truth_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The JSON beside a truth file (``NAME_pool_indices.npz`` -> ``NAME.json``), or None."""
+    p = Path(path)
+    side = p.with_name(p.name.removesuffix(TRUTH_SUFFIX) + ".json")
+    if p.name.endswith(TRUTH_SUFFIX) and side.is_file():
+        return json.loads(side.read_text())
+    return None
+
+
+def compare_to_truth(run_a: str | Path, truth: str | Path, *,
+                     out: str | Path | None = None) -> dict[str, Any]:
+    """:func:`compare_runs` with run B a truth file (:func:`truth_unstable`): per pooling
+    layer precision / recall / F1 of run A's unstable windows; no significant-bit maps. When
+    the truth's JSON is there (:func:`truth_metadata`), model, weights and input must match."""
+    a = Run(run_a)
+    truth_sets = truth_unstable(truth)
+    meta = truth_metadata(truth)
+    if meta is not None:
+        ia = run_identity(a)
+        given = json.loads(meta.get("input_provenance") or "{}")
+        ib = {"model": meta.get("model"), "weights_sha256": meta.get("weights_sha256"),
+              **{k: given.get(k) for k in ("input_sha256", "input_shape", "selection", "view")}}
+        diff = [f"{k} ({_short(ia[k])} vs {_short(v)})" for k, v in ib.items() if ia[k] != v]
+        if diff:
+            raise ValueError(f"run {a.path} and truth {truth} are not of the same model and "
+                             f"input: they differ in {', '.join(diff)}")
+    pooling: dict[str, Any] = {}
+    tp = fp = fn = 0
+    for g in (g for g in pool_groups(a) if g in truth_sets):
+        ua, _ = unstable_windows(a, g)
+        ub = truth_sets[g]
+        if ua.shape != ub.shape:
+            raise ValueError(f"layer {g}: indices shaped {ua.shape} in {a.path} but {ub.shape} "
+                             f"in {truth}")
+        sc = scores(torch.from_numpy(ua), torch.from_numpy(ub))
+        tp, fp, fn = tp + sc["tp"], fp + sc["fp"], fn + sc["fn"]
+        pooling[g] = {**sc, "windows": int(ua.size), "unstable_fraction_a": float(ua.mean()),
+                      "unstable_fraction_b": float(ub.mean())}
+    if pooling:
+        pooling["all"] = scores_from_counts(tp, fp, fn)
+    with np.load(truth) as npz:
+        truth_samples = next(npz[k].shape[0] - 1 for k in npz.files if k != "final_labels")
+    result: dict[str, Any] = {
+        "format": COMPARE_FORMAT,
+        "run_a": str(a.path.resolve()), "run_b": str(Path(truth).resolve()), "truth": "run_b",
+        "samples": {"a": len(a.sample_paths), "b": truth_samples},
+        "backends": {"a": a.spec.get("backend"), "b": (meta or {}).get("backend")},
+        "pooling": pooling,
+        "pooling_note": None if pooling else "the run and the truth share no max-pooling layer",
+        "sigbits": None, "sigbits_source": None,
+        "sigbits_note": "run B is a truth file of pooling indices: no significant-bit maps",
+        "provenance": {
+            "nanprobe_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "identity": run_identity(a),
+            "manifest_a": {k: v for k, v in a.manifest.items() if k != "layers"},
+            "truth_metadata": meta,
+            "truth_sha256": _file_digest(str(truth)),
+        },
+    }
+    if out is not None:
+        write_json(out, result)
+    return json_safe(result)

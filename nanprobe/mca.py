@@ -18,13 +18,17 @@ How one op is perturbed (float32, float16 and bfloat16 results):
    exact, so its max-pool windows stay tied in every sample.
 3. An inexact ``y`` is rounded to one of its two neighbours in the working dtype:
 
-   - ``"rr"`` (default): each with probability 1/2, like Verrou ``--rounding-mode=random``;
+   - ``"rr"`` (:func:`mca_mode`'s default; runs default to ``"flop"``): each with probability
+     1/2, like Verrou ``--rounding-mode=random``;
    - ``"sr"``: stochastic rounding, the farther neighbour with probability
      ``|y - nearest| / ulp``, like Verrou ``nearness`` (unbiased: the expected result is ``y``);
    - ``"mca"``: verificarlo's random-rounding noise at virtual precision ``t`` (``precision``),
      ``round_to_nearest(y + 2**(floor(log2|y|) + 1 - t) * xi)`` with ``xi ~ U(-1/2, 1/2)``,
      computed in float64; ``t = 24`` is about one float32 ulp, smaller ``t`` is larger noise
-     (use ``t <= 11`` for float16, ``t <= 8`` for bfloat16, or the noise rounds away).
+     (use ``t <= 11`` for float16, ``t <= 8`` for bfloat16, or the noise rounds away);
+   - ``"flop"``: Verrou ``--rounding-mode=random`` on every FLOP, float32 convolutions and
+     matrix products carrying the noise of all their rounded FMAs (see **Reductions**); other
+     results as in ``"rr"``.
 
    Edge cases: results that overflow the working dtype stay ``±inf``; NaN stays NaN; inexact
    results whose residual ``y - nearest`` underflows float32 (``|y|`` below about 1e-29) are
@@ -40,13 +44,38 @@ In-place and ``out=`` ops are recomputed on float64 copies, rounded and written 
 original tensors, so aliasing is kept. An op whose float64 recompute fails (but which runs
 natively) passes through unperturbed, with a one-time warning.
 
-**Granularity.** This rounds once per op *result*, not once per FLOP inside a GEMM or a
-convolution as Verrou does. A convolution's output carries at most one ulp of noise around its
-float64 value, where under Verrou the K rounded products and sums of each output can drift by
-about ``sqrt(K)`` ulps. So this backend measures how the network amplifies one rounding per layer
-output (what decides pooling ties) and underestimates the noise of long reductions. Samples
-scatter around the float64 value of each op, not around PyTorch's float32 result (which differs
-from it by its own accumulation error, the same in every sample).
+**Granularity.** ``"rr"``, ``"sr"`` and ``"mca"`` round once per op *result*, not once per
+FLOP inside a GEMM or a convolution as Verrou does: a convolution's output carries at most one
+ulp of noise around its float64 value, where under Verrou the K rounded FMAs of each output
+drift by about ``sqrt(K)`` ulps of their partial sums. They underestimate the noise of long
+reductions (against Verrou on the default U-Net, ``"rr"`` finds half of the deepest pooling
+layer's unstable windows). Samples scatter around the float64 value of each op, not around
+PyTorch's float32 result (which differs from it by its own accumulation error, the same in
+every sample).
+
+**Reductions ("flop" mode).** Float32 convolutions (any dimension, stride, dilation, groups;
+transposed too) and matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``) are summed in
+float64 in chunks, in the order oneDNN and MKL accumulate: bias (``beta * input``) first, then
+per kernel tap, blocks of at most :data:`FLOP_BLOCK` input channels, at least
+:data:`FLOP_MIN_CHUNKS` chunks in all (the inner dimension of a matrix product likewise).
+Verrou rounds each FMA ``S = acc + w * x`` whose exact result is not a float32 up or down with
+probability 1/2: an error of variance ``ulp(S)**2 / 4`` whatever S's position between its
+neighbours. The K errors of an output add up to a random walk, modelled as one normal draw
+(Irwin-Hall of four 16-bit uniforms) of variance ``sum_p n_p * (ulp2(S_{p-1}) + ulp2(S_p)) / 8``
+over the chunks p, ``S_p`` the partial sum after chunk p and ``n_p`` its products with a nonzero
+input (``acc + 0 * w`` is exact; zero weights are counted). The result is the nearest float32
+of the float64 sum plus that noise, or the sum itself when it is exact (a zero background plus
+bias stays exact, and its pooling ties survive). Against an exact emulation of per-FMA random
+rounding (``tests/test_mca_flop.py``) the spread per output is within about 15 %; over every
+convolution output of the default U-Net the estimate's standard deviation is 0.90-1.11 times
+the exact per-FMA one (10th-90th percentile; ``benchmarks/bench_mca_fidelity.py --part
+model``). Verrou's per-FMA errors also have a mean, ``(1/2 - f) ulp`` for an exact result a
+fraction f of an ulp above its lower neighbour; while the partial sums of fixed data are not yet
+randomised, these add up to an offset of the size of float32's own rounding error, the same in
+every sample. The model leaves it out: its samples centre on the exact value. Other reductions
+(``sum``, ``mean``, norms, ``mv``, ``dot``) and ``out=`` / in-place products are rounded once,
+as in ``"rr"``; so are float16 / bfloat16 products (CPU kernels accumulate them in float32 and
+round once) and float64 ones (no wider format to recompute in).
 
 **float64 models.** No wider dtype is available to recompute in, so exactness is unknown.
 Decision: an element representable in float32 is taken as exact (zeros, copied biases, integers,
@@ -60,20 +89,23 @@ one ulp down or up with probability 1/4 each, ``"sr"`` 1/8 each (their rates und
 seeded with ``seed``), never the global RNG, in op order: each rounded result takes one draw,
 the key of a SplitMix64 stream of 64-bit words that holds its random bits (``rr``: one bit per
 element, ``sr``: 32, of which the top 24 make its uniform, ``mca``: 64, of which the top 53
-do). A given model, input and seed give a bit-identical sample (on one machine and thread
-count: float64 GEMMs may sum in another order elsewhere). The stream continues across ``with``
-blocks of one mode object (each forward gets fresh noise); build a new mode with the same seed
-to replay. Version 0.4.0 reads the words differently from 0.3.0 (``MCAMode._draws``), which
-drew differently from earlier versions: the same seed gives other, equally valid samples.
+do; a ``"flop"`` reduction: 64, the four 16-bit fields of its normal). A given model, input
+and seed give a bit-identical sample (on one machine and thread count: float64 GEMMs may sum in
+another order elsewhere). The stream continues across ``with`` blocks of one mode object (each
+forward gets fresh noise); build a new mode with the same seed to replay. Version 0.4.0 reads
+the words differently from 0.3.0 (``MCAMode._draws``), which drew differently from earlier
+versions: the same seed gives other, equally valid samples.
 
 **Cost.** Each perturbed result costs a float64 recompute plus the rounding: for float32
-results in ``"rr"`` and ``"sr"`` one fused pass on CPU (:mod:`nanprobe._mca_kernels`,
+results in ``"rr"``, ``"sr"`` and ``"flop"`` one fused pass on CPU (:mod:`nanprobe._mca_kernels`,
 bit-identical to the torch ops used elsewhere; PReLU and inference batch norm are even computed
-in that pass), otherwise about ten elementwise passes run block by block in cache. On 2 CPU
-threads a forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes
-2.9-3.3x its plain time in ``"rr"`` (3.6-3.8x when the plain forward pays no page faults on
-fresh outputs), 3.5-3.9x in ``"sr"`` and 7-8x in ``"mca"``; most of it is the float64
-convolution and the rounding of its result (about 4x a float32 one).
+in that pass, and a ``"flop"`` convolution is computed, its variance estimated and rounded in
+one), otherwise about ten elementwise passes run block by block in cache. On 2 CPU threads a
+forward of FastSurferVINN (16 filters, eval, no_grad) on four 256x256 slices takes 2.9-3.7x its
+plain time in ``"rr"`` (3.6-3.8x when the plain forward pays no page faults on fresh outputs),
+3.5-4.2x in ``"sr"``, 3.7-4.9x in ``"flop"`` and 7-11x in ``"mca"`` (docs/verrou.md); most of
+it is the float64 convolution. ``"flop"``'s fused convolution costs about 1.5x ``"rr"``'s
+(GEMMs per tap) at 16 channels, 2.3x at 71.
 """
 
 from __future__ import annotations
@@ -83,10 +115,12 @@ import math
 import operator
 import struct
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -97,7 +131,7 @@ from .ops._scratch import scratch
 
 __all__ = ["MODES", "MCAMode", "mca_mode"]
 
-MODES: tuple[str, ...] = ("rr", "sr", "mca")
+MODES: tuple[str, ...] = ("rr", "sr", "mca", "flop")
 _MAX_PRECISION = 52  # float64 has 53 significant bits; t must leave room for the noise
 
 _F64 = torch.float64
@@ -267,18 +301,60 @@ CONV64_CHUNK_BYTES = 16 << 20
 CONV64_MIN_CHUNK = 8192
 
 
-def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int],
-            dilation: list[int], transposed: bool, groups: int) -> Tensor | None:
-    """Float64 2-D convolution as one GEMM per kernel tap on a zero-padded copy of ``x``.
+def _padded64(x: Tensor, ph: int, pw: int) -> Tensor:
+    """(C, N, H + 2ph, W + 2pw) float64 scratch copy of (N, C, H, W) ``x``, zero-padded: the
+    operand of a GEMM-per-tap convolution (valid until the next call on this thread)."""
+    n, c, h, wd = x.shape
+    xp = scratch("mca_conv_input", (c, n, h + 2 * ph, wd + 2 * pw), _F64)
+    if _kernels.enabled(x):  # upcast, pad and transpose in one pass
+        _mca_kernels.pad_transpose_f64(x, (ph, pw), xp)
+    else:
+        if ph or pw:  # zero only the border
+            xp[:, :, :ph].zero_()
+            xp[:, :, ph + h:].zero_()
+            xp[:, :, ph:ph + h, :pw].zero_()
+            xp[:, :, ph:ph + h, pw + wd:].zero_()
+        xp[:, :, ph:ph + h, pw:pw + wd].copy_(x.transpose(0, 1))
+    return xp
 
-    ``x``, ``w``, ``b`` may be of the working dtype (they are cast up exactly here).
 
-    PyTorch's own float64 CPU convolution (im2col) is ~15x slower than its float32 one; this is
-    1-2.5x (measured here), taps applied chunk by chunk of output columns while the chunk is in
-    cache. Returns None where it does not apply (strided, transposed, grouped, not 2-D, not CPU).
-    The padded copy and the result live in per-thread scratch buffers (no page faults): the
-    result is valid until the next call on this thread.
-    """
+@dataclass(frozen=True)
+class _Grid:
+    """Geometry of a 2-D stride-1 convolution computed as one GEMM per tap on the zero-padded,
+    channel-major input flattened to (C, N * Hp * Wp): output (b, o, r, q) is flat column
+    ``b * plane + r * wp + q``, and tap (i, j) reads its input ``i * dh * wp + j * dw`` further."""
+
+    n: int
+    c: int
+    o: int
+    kh: int
+    kw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+    hp: int
+    wp: int
+    ho: int
+    wo: int
+
+    @property
+    def plane(self) -> int:
+        return self.hp * self.wp
+
+    @property
+    def cols(self) -> int:
+        """Flat columns whose taps are all in range (the outputs and some padding rows)."""
+        return self.n * self.plane - self.dh * (self.kh - 1) * self.wp - self.dw * (self.kw - 1)
+
+    def offset(self, i: int, j: int) -> int:
+        return i * self.dh * self.wp + j * self.dw
+
+
+def _grid(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int],
+          dilation: list[int], transposed: bool, groups: int) -> _Grid | None:
+    """The :class:`_Grid` of a CPU 2-D convolution, or None where GEMM-per-tap does not apply
+    (strided, transposed, grouped, not 2-D, not CPU, empty, or arguments aten refuses)."""
     if (transposed or groups != 1 or x.dim() != 4 or w.dim() != 4 or x.device.type != "cpu"
             or any(s != 1 for s in stride) or x.numel() == 0):
         return None
@@ -290,23 +366,30 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
     ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
     if ho <= 0 or wo <= 0:
         return None
-    xp = scratch("mca_conv_input", (c, n, hp, wp), _F64)
-    if _kernels.enabled(x):  # upcast, pad and transpose in one pass
-        _mca_kernels.pad_transpose_f64(x, (ph, pw), xp)
-    else:
-        if ph or pw:  # zero only the border
-            xp[:, :, :ph].zero_()
-            xp[:, :, ph + h:].zero_()
-            xp[:, :, ph:ph + h, :pw].zero_()
-            xp[:, :, ph:ph + h, pw + wd:].zero_()
-        xp[:, :, ph:ph + h, pw:pw + wd].copy_(x.transpose(0, 1))
-    flat = xp.view(c, -1)
-    plane = hp * wp
-    cols = n * plane - dh * (kh - 1) * wp - dw * (kw - 1)  # positions whose taps are in range
+    return _Grid(n, c, o, kh, kw, ph, pw, dh, dw, hp, wp, ho, wo)
+
+
+def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int],
+            dilation: list[int], transposed: bool, groups: int) -> Tensor | None:
+    """Float64 2-D convolution as one GEMM per kernel tap on a zero-padded copy of ``x``.
+
+    ``x``, ``w``, ``b`` may be of the working dtype (they are cast up exactly here).
+
+    PyTorch's own float64 CPU convolution (im2col) is ~15x slower than its float32 one; this is
+    1-2.5x (measured here), taps applied chunk by chunk of output columns while the chunk is in
+    cache. Returns None where it does not apply (see :func:`_grid`).
+    The padded copy and the result live in per-thread scratch buffers (no page faults): the
+    result is valid until the next call on this thread.
+    """
+    g = _grid(x, w, b, stride, padding, dilation, transposed, groups)
+    if g is None:
+        return None
+    flat = _padded64(x, g.ph, g.pw).view(g.c, -1)
+    cols = g.cols
     taps = w.to(_F64).permute(2, 3, 0, 1).contiguous()  # (kh, kw, o, c)
-    out = scratch("mca_conv_output", (o, cols), _F64)
+    out = scratch("mca_conv_output", (g.o, cols), _F64)
     bias = None if b is None else b.to(_F64)[:, None]
-    step = max(CONV64_MIN_CHUNK, CONV64_CHUNK_BYTES // (8 * o))
+    step = max(CONV64_MIN_CHUNK, CONV64_CHUNK_BYTES // (8 * g.o))
     for lo in range(0, cols, step):  # all taps per chunk of columns, while it is in cache
         hi = min(cols, lo + step)
         dst = out[:, lo:hi]
@@ -314,13 +397,121 @@ def _conv64(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: 
             torch.mm(taps[0, 0], flat[:, lo:hi], out=dst)
         else:
             torch.addmm(bias, taps[0, 0], flat[:, lo:hi], out=dst)
-        for i in range(kh):
-            for j in range(kw):
+        for i in range(g.kh):
+            for j in range(g.kw):
                 if i or j:
-                    off = i * dh * wp + j * dw
+                    off = g.offset(i, j)
                     dst.addmm_(taps[i, j], flat[:, off + lo:off + hi])
     # output (b, oc, r, q) sits at flat position b * plane + r * wp + q of channel row oc
-    return out.as_strided((n, o, ho, wo), (plane, cols, wp, 1))
+    return out.as_strided((g.n, g.o, g.ho, g.wo), (g.plane, cols, g.wp, 1))
+
+
+# ------------------------------------------------------------------ "flop" mode: reductions
+#: "flop" mode splits each reduction into chunks of at most this many products: per kernel tap,
+#: blocks of input channels (convolutions); blocks of the inner dimension (matrix products)...
+FLOP_BLOCK = 16
+#: ...and into at least this many chunks (a 1x1 convolution of 16 channels: blocks of 2)
+FLOP_MIN_CHUNKS = 8
+_MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                      torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default})
+
+
+def _blocks_of(n: int, block: int) -> list[slice]:
+    return [slice(j, min(n, j + block)) for j in range(0, n, block)]
+
+
+def _flop_block(channels: int, taps: int) -> int:
+    """Channels per chunk of a reduction over ``channels`` x ``taps`` products (taps outer):
+    at most :data:`FLOP_BLOCK`, small enough for :data:`FLOP_MIN_CHUNKS` chunks in all (the
+    variance estimate of a chunk assumes its partial sums run straight from its start to its
+    end: with fewer, longer chunks it strays, measured)."""
+    per_tap = -(-FLOP_MIN_CHUNKS // max(taps, 1))
+    return max(1, min(FLOP_BLOCK, -(-channels // per_tap)))
+
+
+def _conv_flop_fast(x: Tensor, w: Tensor, b: Tensor | None, g: _Grid, key: int,
+                    memory_format: torch.memory_format) -> Tensor:
+    """float32 "flop" result of a float32 convolution on the grid ``g`` (CPU, numba), in one
+    fused pass: the same model and draws as :func:`_conv_chunks` + :func:`_accumulate` +
+    :func:`~nanprobe._mca_kernels.flop_round_torch` (float64 sums in another order)."""
+    xp = _padded64(x, g.ph, g.pw)
+    taps = w.to(_F64).permute(2, 3, 1, 0).reshape(g.kh * g.kw, g.c, g.o).contiguous()
+    bias = b.to(_F64) if b is not None else torch.zeros(g.o, dtype=_F64)
+    out = torch.empty((g.n, g.o, g.ho, g.wo), dtype=torch.float32, memory_format=memory_format)
+    block = _flop_block(g.c, g.kh * g.kw)
+    _mca_kernels.conv_flop_f32(xp, taps, bias, (g.dh, g.dw), g.kw, block, key, out)
+    return out
+
+
+def _conv_chunks(x: Tensor, w: Tensor, stride: list[int], padding: list[int],
+                 dilation: list[int], transposed: bool, output_padding: list[int],
+                 groups: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(chunk sum, products counted) of a float64 convolution without bias, per kernel tap and
+    block of input channels (of each group, :func:`_flop_block`), in that order; products with
+    a zero input count as exact, zero weights do not. Any dimensionality, stride, dilation,
+    groups; transposed convolutions by masked weights (slow)."""
+    taps = list(itertools.product(*map(range, w.shape[2:])))
+    per_group = w.shape[0] // groups if transposed else w.shape[1]
+    block = _flop_block(per_group, len(taps))
+    if transposed:
+        nonzero = (x != 0).to(x.dtype)
+        for tap in taps:
+            for blk in _blocks_of(per_group, block):
+                mask = torch.zeros_like(w)
+                for gi in range(groups):
+                    mask[(slice(gi * per_group + blk.start, gi * per_group + blk.stop),
+                          slice(None), *tap)] = 1
+                yield tuple(torch.ops.aten.convolution(t, m, None, stride, padding, dilation,
+                                                       True, output_padding, groups)
+                            for t, m in ((x, w * mask), (nonzero, mask)))
+        return
+    d = w.dim() - 2
+    xp = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
+    size = [(xp.shape[2 + k] - dilation[k] * (w.shape[2 + k] - 1) - 1) // stride[k] + 1
+            for k in range(d)]
+    for tap in taps:
+        index = tuple(slice(t * dl, t * dl + (n - 1) * st + 1, st)
+                      for t, dl, n, st in zip(tap, dilation, size, stride, strict=True))
+        xs = xp[(slice(None), slice(None), *index)]
+        wt = w[(slice(None), slice(None), *(slice(t, t + 1) for t in tap))]
+        for blk in _blocks_of(per_group, block):
+            chans = (torch.arange(groups)[:, None] * per_group
+                     + torch.arange(blk.start, blk.stop)).view(-1)
+            xb = xs if blk.stop - blk.start == per_group else xs[:, chans.to(xs.device)]
+            wb = wt[:, blk]
+            ones = torch.ones_like(wb)
+            yield tuple(torch.ops.aten.convolution(t, m, None, [1] * d, [0] * d, [1] * d,
+                                                   False, [0] * d, groups)
+                        for t, m in ((xb, wb), ((xb != 0).to(xb.dtype), ones)))
+
+
+def _matmul_chunks(a: Tensor, b: Tensor, alpha: float = 1.0) -> Iterator[tuple[Tensor, Tensor]]:
+    """(chunk sum, products counted) of ``alpha * a @ b`` (float64, 2-D or batched 3-D) per
+    block of the inner dimension (:func:`_flop_block`); products with a zero factor count as
+    exact."""
+    for blk in _blocks_of(a.shape[-1], _flop_block(a.shape[-1], 1)):
+        ak, bk = a[..., blk], b[..., blk, :]
+        part = ak @ bk
+        yield (part if alpha == 1 else part * alpha,
+               (ak != 0).to(a.dtype) @ (bk != 0).to(b.dtype))
+
+
+def _accumulate(init: Tensor | None, chunks: Iterable[tuple[Tensor, Tensor]]
+                ) -> tuple[Tensor, Tensor]:
+    """``(s, v)``: the float64 sum ``init + sum of chunks`` accumulated in order, and the
+    variance of Verrou's per-FMA random roundings along the way (the "flop" model): a product
+    added to a partial sum S rounds it up or down with probability 1/2, an error of variance
+    ``ulp(S)**2 / 4`` whatever S's position between its neighbours; a chunk of n counted
+    products, whose partial sums run from S to S', adds ``n * (ulp2(S) + ulp2(S')) / 8``."""
+    s, v = init, None
+    for part, count in chunks:
+        a = s if s is not None else torch.zeros_like(part)
+        z = a + part
+        term = count * (_mca_kernels.ulp2_torch(a) + _mca_kernels.ulp2_torch(z))
+        s, v = z, term if v is None else v + term
+    if s is None:
+        raise ValueError("a reduction without terms")
+    return s, (torch.zeros_like(s) if v is None else v * 0.125)
 
 
 class MCAMode(TorchDispatchMode):
@@ -344,6 +535,7 @@ class MCAMode(TorchDispatchMode):
             raise ValueError(f"precision must be an int from 1 to {_MAX_PRECISION} (bits); "
                              f"got {precision!r}")
         self.mode = mode
+        self._rounding = "rr" if mode == "flop" else mode  # of results outside reductions
         self.seed = seed
         self.precision = bits
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -358,6 +550,11 @@ class MCAMode(TorchDispatchMode):
             gen = self._generators[device] = torch.Generator(device=device)
             gen.manual_seed(self.seed)
         return gen
+
+    def _key(self, device: torch.device) -> int:
+        """One draw of the mode's generator: the key of a SplitMix64 stream."""
+        return int(torch.empty((), dtype=torch.int64, device=device)
+                   .random_(-(2**63), None, generator=self._gen(device)))
 
     def _mca_noise(self, y: Tensor, u: Tensor) -> Tensor:
         """Verificarlo's noise ``2**(floor(log2|y|) + 1 - t) * (u - 1/2)``, ``u`` uniform."""
@@ -376,7 +573,7 @@ class MCAMode(TorchDispatchMode):
             return out
         draws = self._draws(out)
         if dtype == torch.float32 and y.dim() <= 4 and _kernels.enabled(y):  # one fused pass
-            _mca_kernels.random_round_f32(y, out, draws, self.mode, self.precision)
+            _mca_kernels.random_round_f32(y, out, draws, self._rounding, self.precision)
             return out
         draws = self._expand(out, draws)
         size = min(out.numel(), _BLOCK)
@@ -395,9 +592,8 @@ class MCAMode(TorchDispatchMode):
         SplitMix64 stream keyed by one draw of the mode's generator (computed by a numba
         kernel on CPU, by torch ops elsewhere; the same bits)."""
         device = out.device
-        key = int(torch.empty((), dtype=torch.int64, device=device)
-                  .random_(-(2**63), None, generator=self._gen(device)))
-        count = -(-out.numel() // _PER_WORD[self.mode])
+        key = self._key(device)
+        count = -(-out.numel() // _PER_WORD[self._rounding])
         if device.type == "cpu" and _kernels.enabled():
             return _mca_kernels.splitmix_words(key, count)
         return _mca_kernels.splitmix_words_torch(key, count, device)
@@ -405,17 +601,17 @@ class MCAMode(TorchDispatchMode):
     def _expand(self, out: Tensor, draws: Tensor) -> Tensor:
         """Torch path: the draw of each element of ``out``, shaped like it: ``rr`` bits as 0.0 /
         1.0, ``sr`` 24-bit uniforms in [0, 1) (float32), ``mca`` 53-bit ones (float64)."""
-        if self.mode == "mca":
+        if self._rounding == "mca":
             u = (draws >> 11).bitwise_and_(2**53 - 1).to(_F64).mul_(2.0**-53)
             return u.view(out.shape)
-        per_word = _PER_WORD[self.mode]
+        per_word = _PER_WORD[self._rounding]
         shifts = torch.arange(per_word, device=out.device) * (64 // per_word)
-        if self.mode == "rr":
+        if self._rounding == "rr":
             values = (draws[:, None] >> shifts).bitwise_and_(1)  # (words, 64): row-major i
         else:
             values = (draws[:, None] >> (shifts + 8)).bitwise_and_(0xFFFFFF)
         values = values.view(-1)[:out.numel()].to(torch.float32).view(out.shape)
-        return values if self.mode == "rr" else values.mul_(2.0**-24)
+        return values if self._rounding == "rr" else values.mul_(2.0**-24)
 
     def _fused_prelu(self, args: tuple, kwargs: dict) -> Tensor | None:
         """PReLU of a float32 input computed exactly and rounded in one pass (CPU, rr/sr), with
@@ -432,7 +628,7 @@ class MCAMode(TorchDispatchMode):
         except RuntimeError:
             return None  # aten raises its own error
         out = torch.empty_like(x)
-        _mca_kernels.prelu_round_f32(x, w, out, self._draws(out), self.mode, self.precision)
+        _mca_kernels.prelu_round_f32(x, w, out, self._draws(out), self._rounding, self.precision)
         return out
 
     def _inference_batch_norm(self, args: tuple, kwargs: dict,
@@ -462,11 +658,68 @@ class MCAMode(TorchDispatchMode):
         if dtype == torch.float32 and x.dim() <= 4 and _kernels.enabled(x):
             out = torch.empty_like(x)
             _mca_kernels.batch_norm_round_f32(x, mean64, scale, shift, out, self._draws(out),
-                                          self.mode, self.precision)
+                                          self._rounding, self.precision)
         else:
             out = self._round((x.to(_F64) - mean64) * scale + shift, dtype)
         empty = x.new_empty(0)  # ATen's saved mean / inverse std, empty in inference
         return out, empty, empty
+
+    def _flop(self, func: Any, args: tuple, kwargs: dict, up: Any) -> Tensor | None:
+        """A float32 convolution or matrix product in "flop" mode (see the module docstring),
+        or None for the generic path (arguments it does not know, an empty reduction)."""
+        fmt = torch.contiguous_format
+        if func is _CONVOLUTION:
+            if kwargs or len(args) != 9:
+                return None
+            x, w, b, stride, padding, dilation, transposed, output_padding, groups = args
+            if x.dim() == 4 and _kernels.channels_last(x):
+                fmt = torch.channels_last
+            if x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
+                g = _grid(x, w, b, stride, padding, dilation, transposed, groups)
+                if g is not None and _kernels.enabled(x, w):
+                    return _conv_flop_fast(x, w, b, g, self._key(x.device), fmt)
+            x64, w64, b64 = up(x), up(w), up(b)
+            if x64.dim() < 3 or w64.dim() != x64.dim() or x64.shape[1] == 0:
+                return None  # unbatched or empty: the generic path (aten checks arguments)
+            init = None if b64 is None else b64.view(1, -1, *(1,) * (x64.dim() - 2))
+            chunks = _conv_chunks(x64, w64, stride, padding, dilation, transposed,
+                                  output_padding, groups)
+        else:
+            if set(kwargs) - {"beta", "alpha"}:
+                return None
+            scalars = [up(kwargs.get(k, 1)) for k in ("beta", "alpha")]
+            if not all(isinstance(c, int | float) for c in scalars):
+                return None
+            beta, alpha = scalars
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+                (a, b), init = args, None
+            else:
+                inp, a, b = args
+                init = None if beta == 0 else up(inp) * beta
+            a64, b64 = up(a), up(b)
+            if a64.shape[-1] == 0 or a64.dim() != b64.dim():
+                return None
+            chunks = _matmul_chunks(a64, b64, alpha)
+        s, v = _accumulate(init, chunks)
+        return self._flop_finish(s, v.expand(s.shape), fmt)
+
+    def _flop_finish(self, s: Tensor, v: Tensor, memory_format: torch.memory_format) -> Tensor:
+        """float32 of the float64 reductions ``s`` with noise of variance ``v``: exact results
+        kept, the others the nearest float32 of ``s + sqrt(v) * g`` (one draw: the key of the
+        words of the normals ``g``)."""
+        key = self._key(s.device)
+        if s.dim() == 4:
+            out = torch.empty(s.shape, dtype=torch.float32, device=s.device,
+                              memory_format=memory_format)
+        else:
+            out = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        if out.numel() == 0:
+            return out
+        if s.dim() <= 4 and _kernels.enabled(s, v):
+            _mca_kernels.flop_round_f32(s, v, out, key)
+        else:
+            out.copy_(_mca_kernels.flop_round_torch(s, v, key))
+        return out
 
     def _round_block(self, y: Tensor, n: Tensor, draws: Tensor | None, scratch64: Tensor,
                      scratch32: Tensor) -> None:
@@ -474,7 +727,7 @@ class MCAMode(TorchDispatchMode):
 
         ``draws``: the block's random bits (rr, 0.0/1.0) or uniform numbers (sr, mca)."""
         n.copy_(y)  # nearest
-        if self.mode == "mca":
+        if self._rounding == "mca":
             z = self._mca_noise(y, draws).add_(y).to(n.dtype)
             n.copy_(torch.where(y != n, z, n))
             return
@@ -486,7 +739,7 @@ class MCAMode(TorchDispatchMode):
         d = scratch32[:m].view(shape).copy_(torch.sub(y, n64, out=n64))
         d.nan_to_num_(nan=0.0, posinf=1.0, neginf=-1.0)
         step = _STEP[dtype]
-        if self.mode == "rr":
+        if self._rounding == "rr":
             d.mul_(draws)  # keep n with probability 1/2
         else:  # sr: the other neighbour with probability |y - n| / |other - n|
             gap = torch.empty_like(n)
@@ -502,12 +755,12 @@ class MCAMode(TorchDispatchMode):
         if y.numel() == 0:
             return y
         unknown = y != y.to(torch.float32)
-        if self.mode == "mca":
+        if self._rounding == "mca":
             noise = self._mca_noise(y, self._expand(y, self._draws(y)))
             return torch.where(unknown, noise.add_(y), y)
         r = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
-        r.random_(0, 4 if self.mode == "rr" else 8, generator=self._gen(y.device))
-        top = 3 if self.mode == "rr" else 7
+        r.random_(0, 4 if self._rounding == "rr" else 8, generator=self._gen(y.device))
+        top = 3 if self._rounding == "rr" else 7
         inf = torch.tensor(float("inf"), dtype=_F64, device=y.device)
         down = unknown & (r == 0)
         up = unknown.logical_and_(r == top)
@@ -581,6 +834,11 @@ class MCAMode(TorchDispatchMode):
                 return _F64
             return x
 
+        if self.mode == "flop" and dtype == torch.float32 and (func is _CONVOLUTION
+                                                               or func in _MATMULS):
+            reduced = self._flop(func, args, kwargs, up)
+            if reduced is not None:
+                return reduced
         if func is _PRELU:
             fused = self._fused_prelu(args, kwargs)
             if fused is not None:
@@ -662,8 +920,10 @@ class MCAMode(TorchDispatchMode):
 def mca_mode(mode: str = "rr", *, seed: int, precision: int = 24) -> MCAMode:
     """A context manager randomly rounding every floating-point op result inside it.
 
-    ``mode``: ``"rr"`` (Verrou random), ``"sr"`` (stochastic, Verrou nearness) or ``"mca"``
-    (verificarlo noise at ``precision`` bits); ``seed`` makes the sample bit-reproducible.
+    ``mode``: ``"rr"`` (Verrou random, once per result), ``"sr"`` (stochastic, Verrou
+    nearness), ``"mca"`` (verificarlo noise at ``precision`` bits) or ``"flop"`` (Verrou random
+    per FMA of convolutions and matrix products, modelled); ``seed`` makes the sample
+    bit-reproducible.
     """
     return MCAMode(mode, seed=seed, precision=precision)
 

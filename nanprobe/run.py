@@ -52,7 +52,7 @@ from .models.registry import LoadedModel
 from .worker import JOB_FORMAT, IdentityMismatch, model_and_input, run_job
 
 BACKENDS = ("inprocess", "verrou")
-MCA_MODES = ("rr", "sr", "mca")
+MCA_MODES = ("rr", "sr", "mca", "flop")
 MANIFEST = "run.json"
 
 
@@ -64,8 +64,8 @@ class RunSpec:
     input: str = "default"
     samples: int = 10
     seed: int = 0
-    backend: dict[str, Any] = field(default_factory=lambda: {"name": "inprocess", "mode": "rr",
-                                                             "precision": 24})
+    backend: dict[str, Any] = field(default_factory=lambda: {"name": "inprocess",
+                                                             "mode": "flop", "precision": 24})
     checkpoint: str | None = None
     view: str | None = None
     slices: str | None = None

@@ -149,7 +149,7 @@ def test_invalid_arguments(kwargs: dict, match: str) -> None:
 
 def test_mode_object() -> None:
     mode = mca_mode("sr", seed=3, precision=20)
-    assert isinstance(mode, MCAMode) and MODES == ("rr", "sr", "mca")
+    assert isinstance(mode, MCAMode) and MODES == ("rr", "sr", "mca", "flop")
     assert (mode.mode, mode.seed, mode.precision) == ("sr", 3, 20)
 
 
@@ -492,7 +492,8 @@ def first_pool_indices(model: torch.nn.Module, pool: torch.nn.Module, x: Tensor,
     return seen[0]
 
 
-def test_mnist_zero_background_ties_survive_noisy_background_ties_flip() -> None:
+@pytest.mark.parametrize("mode", ["rr", "flop"])
+def test_mnist_zero_background_ties_survive_noisy_background_ties_flip(mode: str) -> None:
     """conv(0) + bias is exact, so zero-background windows stay tied; 0.1 ones do not."""
     torch.manual_seed(0)
     model = MnistCNN().eval()
@@ -506,7 +507,7 @@ def test_mnist_zero_background_ties_survive_noisy_background_ties_flip() -> None
         native = first_pool_indices(model, pool, xb, None)
         flipped = 0
         for seed in range(3):
-            got = first_pool_indices(model, pool, xb, mca_mode(seed=seed))
+            got = first_pool_indices(model, pool, xb, mca_mode(mode, seed=seed))
             flipped += int((got != native)[..., far].sum())
         if flips_expected:
             assert flipped > 1000  # of 3 x 2 x 32 x 160 tied windows, ~3/4 expected
@@ -546,7 +547,8 @@ def vinn_indices(model: FastSurferVINN, x: Tensor, mode: MCAMode | None) -> list
     return found
 
 
-def test_vinn_pool_indices_flip_on_noisy_background_only() -> None:
+@pytest.mark.parametrize("mode", ["rr", "flop"])
+def test_vinn_pool_indices_flip_on_noisy_background_only(mode: str) -> None:
     model = vinn_with_exact_zero_background()
     x = torch.zeros(1, 7, 64, 64)
     x[..., 4:12, 6:10] = torch.rand(7, 8, 4, generator=torch.Generator().manual_seed(1))
@@ -554,9 +556,9 @@ def test_vinn_pool_indices_flip_on_noisy_background_only() -> None:
     zero_native, noisy_native = vinn_indices(model, x, None), vinn_indices(model, noisy, None)
     flips = 0
     for seed in range(2):
-        zero = vinn_indices(model, x, mca_mode(seed=seed))
+        zero = vinn_indices(model, x, mca_mode(mode, seed=seed))
         for got, want in zip(zero, zero_native, strict=True):
             assert torch.equal(got, want)  # exact zeros: every tie survives, at every level
-        first = vinn_indices(model, noisy, mca_mode(seed=seed))[0]
+        first = vinn_indices(model, noisy, mca_mode(mode, seed=seed))[0]
         flips += int((first != noisy_native[0])[..., 16:, 16:].sum())  # far from the structure
     assert flips > 500  # of 2 x 16 x 256 background windows, ~half expected
