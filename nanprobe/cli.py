@@ -442,6 +442,79 @@ def analyze(
     typer.echo(f"report: {html_path}")
 
 
+@app.command("validate")
+@friendly_errors
+def validate_cmd(
+    model: ModelArg,
+    inputs: Annotated[list[str], typer.Argument(
+        help="Input volumes (subjects): default (the bundled brain) or NIfTI/MGZ files.")],
+    thresholds: Annotated[list[Path] | None, typer.Option(
+        "--thresholds", help="thresholds.json from `nanprobe calibrate` (repeatable: each file "
+        "is validated against the plain model).")] = None,
+    views: Annotated[str, typer.Option(
+        help="Comma-separated views to run; all three are fused FastSurfer-style "
+        "(0.4 axial, 0.4 coronal, 0.2 sagittal).")] = "axial,coronal,sagittal",
+    out: Annotated[Path, typer.Option(
+        help="Output directory (validation.json, segmentations, figures; rerun to resume).")
+    ] = Path("nanprobe-validation"),
+    labels: Annotated[list[str] | None, typer.Option(
+        "--labels", help="Ground-truth label volume per input, in input order (repeatable; "
+        "'none' for an input without, 'default' for the bundled brain's). Default: the "
+        "bundled labels for the bundled brain with the default model.")] = None,
+    slices: Annotated[str | None, typer.Option(
+        help="Slices of every view to run: START:STOP[:STEP] or I,J,K (default all 256; e.g. "
+        "0:256:8 for a quick look).")] = None,
+    checkpoints: Annotated[list[Path] | None, typer.Option(
+        "--checkpoint", help="Weights: once (every view) or once per view in --views order "
+        "(FastSurfer: one network per view).")] = None,
+    trust: TrustOpt = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per forward pass.")] = 4,
+    repeats: Annotated[int, typer.Option(
+        min=0, help="Timed rounds per view (plain and nanified interleaved; 0: no timing).")
+    ] = 3,
+    timing_slices: Annotated[int, typer.Option(
+        min=0, help="Central slices of each view timed in each round.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the noisy_max fill.")] = 0,
+) -> None:
+    """Whole-volume accuracy study: plain vs nanified per subject, view and thresholds file.
+
+    Dice per slice and class, paired t-test and Wilcoxon test of the Dice differences per view,
+    skipped work and speed. Writes OUT/validation.json, per subject segmentations in the input's
+    space (plain, nanified, difference) and figures.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .validate import summary_lines
+    from .validate import validate as run_validation
+
+    bar = Progress(TextColumn("[bold]validate"), BarColumn(), TextColumn("{task.completed}/"
+                   "{task.total} batches"), TextColumn("{task.description}"),
+                   TimeRemainingColumn(), console=err_console)
+
+    def on_progress(done: int, total: int, what: str) -> None:
+        if not bar.tasks:  # the bar appears with the first batch, after the checks of the input
+            bar.start()
+            bar.add_task("", total=total)
+        bar.update(bar.task_ids[0], completed=done, total=total, description=what)
+
+    try:
+        result = run_validation(
+            model, inputs, thresholds or [], out, views=views, labels=labels,
+            checkpoints=checkpoints or [], trust=trust, slices=slices, batch_size=batch_size,
+            repeats=repeats, timing_slices=timing_slices, seed=seed,
+            provenance_extra={"command": "nanprobe validate", "cli_options": {
+                "model": model, "inputs": inputs, "thresholds": thresholds, "views": views,
+                "out": out, "labels": labels, "slices": slices, "checkpoint": checkpoints,
+                "batch_size": batch_size, "repeats": repeats, "timing_slices": timing_slices,
+                "seed": seed}},
+            on_progress=on_progress)
+    finally:
+        bar.stop()
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo(f"wrote {out / 'validation.json'}")
+
+
 def run() -> None:  # pragma: no cover - console script entry for `python -m nanprobe`
     app(prog_name="nanprobe")
 
