@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from nanprobe.cli import app
 from nanprobe.data import mri
 from nanprobe.data.labels import FULL_TO_SAGITTAL, LABEL_IDS, NUM_CLASSES, NUM_SAGITTAL_CLASSES
 from nanprobe.evaluate import dice_per_class, labels_from_logits, mean_foreground_dice
+from nanprobe.jsonio import atomic_path
 from nanprobe.models.default import load_default_brain
 from nanprobe.models.registry import LoadedModel, load
 from nanprobe.ops import nanify
@@ -30,6 +32,7 @@ from nanprobe.validate import (
     SCHEMA_KEYS,
     agreement,
     confusion,
+    load_thresholds,
     paired_statistics,
     report_section,
     slice_dice,
@@ -121,6 +124,30 @@ def test_slice_dice_matches_the_slow_reference(c, s, side, seed):
     assert [np.nan if v is None else v for v in a["dice_per_class"]] == pytest.approx(
         slow, nan_ok=True)
     assert a["identical"] == pytest.approx(float((pred == ref).mean()))
+
+
+def test_thresholds_files_get_unique_names_and_checksums(tmp_path):
+    a = write_thresholds(tmp_path / "a")
+    b = write_thresholds(tmp_path / "b", nan_threshold=1.0)
+    c = write_thresholds(tmp_path / "a" / "x", "thresholds.json")
+    files = load_thresholds([a, b, c])
+    assert [f.name for f in files] == ["thresholds", "b-thresholds", "x-thresholds"]
+    assert files[1].config["defaults"]["nan_threshold"] == 1.0
+    assert files[0].sha256 != files[1].sha256
+
+
+def test_atomic_path_replaces_whole_files_only(tmp_path):
+    target = tmp_path / "seg.nii.gz"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.int16), np.eye(4)), tmp)
+    assert np.asarray(nib.load(target).dataobj).sum() == 8
+    assert sorted(tmp_path.iterdir()) == [target]
 
 
 # --- real volumes ----------------------------------------------------------------------------
@@ -382,13 +409,12 @@ def test_checkpoints_must_fit_the_views(tmp_path):
                  tmp_path / "o", views="coronal,sagittal", checkpoints=[ck, ck])
 
 
-def test_report_includes_validation(tmp_path):
+def test_report_includes_validation(three_views, tmp_path):
     from nanprobe.report import write_report
     from nanprobe.run import RunSpec, mca_run
 
     mca_run(RunSpec(model="mnist", input="mnist", slices="0:2", samples=2), tmp_path / "run")
-    validate("default", ["default"], [write_thresholds(tmp_path)], tmp_path / "run" / "validation",
-             views="coronal", slices="128", repeats=0)
+    shutil.copytree(three_views[0], tmp_path / "run" / "validation")
     html_path, _ = write_report(tmp_path / "run")
     page = html_path.read_text()
     assert '<section id="validation">' in page and "Dice per slice" in page
