@@ -680,6 +680,7 @@ def _run_subject(subject: Subject, setup: Mapping[str, ViewModel], views: Sequen
                  timing_slices: int, seed: int, figures: bool,
                  progress: Callable[[int, str], None]) -> dict[str, Any]:
     """Segment one subject plain and nanified in every view; write its files and record."""
+    started = (datetime.now(timezone.utc).isoformat(), time.perf_counter(), os.getloadavg())
     names = [f.name for f in files]
     n_var = 1 + len(files)
     acc = None
@@ -749,6 +750,9 @@ def _run_subject(subject: Subject, setup: Mapping[str, ViewModel], views: Sequen
         "input_affine": subject.grid_affine.tolist(), "conformed_affine": subject.affine.tolist(),
         "dir": subject_dir.relative_to(out_dir).as_posix(), "views": record_views,
         AGGREGATED: record_aggregated, "files": files_written, "fingerprint": fingerprint,
+        "computed": {"created": started[0], "seconds": time.perf_counter() - started[1],
+                     "load_average_before": list(started[2]),
+                     "load_average_after": list(os.getloadavg())},
     }
     if figures:
         from .validate_plots import plot_dice_per_slice, plot_differences

@@ -72,41 +72,45 @@ def plot_dice_per_slice(record: Mapping[str, Any], path: str | Path) -> Path:
 
 def plot_dice_difference(result: Mapping[str, Any], path: str | Path) -> Path:
     """Box plots of the per-slice Dice differences per view and thresholds file (all subjects),
-    the mean as a diamond, and above each box the paired tests' p-values with their marks."""
+    the mean as a diamond, and under each box the paired tests' p-values with their marks.
+
+    The y axis is symmetric-log (linear within the median size of the non-zero differences)
+    so that the many small differences and the few large ones both show.
+    """
     from .validate import pooled_pairs, significance
 
     views = result["views"]
     names = list(next(iter(views.values())))
-    fig = Figure(figsize=(max(4.0, 1.3 * len(names) * len(views) + 1.6), 4.6))
+    fig = Figure(figsize=(max(4.5, 1.5 * len(names) * len(views) + 1.6), 5.2))
     ax = fig.subplots()
-    data, positions, labels, entries = [], [], [], []
+    data, positions, labels = [], [], []
     for i, view in enumerate(views):
         for j, name in enumerate(names):
             plain, nan = pooled_pairs(result["subjects"], view, name, result["against"])
-            data.append(nan - plain)
+            keep = np.isfinite(plain) & np.isfinite(nan)
+            data.append(nan[keep] - plain[keep])
             positions.append(i * (len(names) + 1) + j)
-            labels.append(f"{view}\n{name}" if len(names) > 1 else view)
-            entries.append(views[view][name])
+            e = views[view][name]
+            labels.append(f"{view}\n{name}\nt: p={_p(e['p_ttest'])} {significance(e['p_ttest'])}"
+                          f"\nW: p={_p(e['p_wilcoxon'])} {significance(e['p_wilcoxon'])}"
+                          f"\nn={e['n_pairs']}")
     ax.boxplot(data, positions=positions, widths=0.6, showfliers=True,
                flierprops={"markersize": 2})
     means = [np.mean(d) if len(d) else np.nan for d in data]
     ax.scatter(positions, means, marker="D", color="tab:red", zorder=3, label="mean")
     ax.axhline(0.0, color="grey", lw=0.6)
-    ax.set_xticks(positions, labels, fontsize=8)
+    nonzero = np.abs(np.concatenate([d[d != 0] for d in data] or [np.zeros(0)]))
+    linthresh = float(np.median(nonzero)) if nonzero.size else 1e-6
+    ax.set_yscale("symlog", linthresh=linthresh)
+    top = int(np.ceil(np.log10(max(float(nonzero.max()), linthresh)))) if nonzero.size else -5
+    decades = [10.0**k for k in range(int(np.floor(np.log10(linthresh))) + 1, top + 1)]
+    ax.set_yticks([-d for d in reversed(decades)] + [0.0] + decades)
+    ax.set_xticks(positions, labels, fontsize=7)
     ax.set_ylabel(f"Dice difference per slice\n(nanified - plain, vs {result['against']})")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    top = max((float(np.max(d)) for d in data if len(d)), default=0.0)
-    bottom = min((float(np.min(d)) for d in data if len(d)), default=0.0)
-    span = (top - bottom) or 1e-6
-    for pos, e in zip(positions, entries, strict=True):
-        ax.text(pos, top + 0.05 * span,
-                f"t: p={_p(e['p_ttest'])} {significance(e['p_ttest'])}\n"
-                f"W: p={_p(e['p_wilcoxon'])} {significance(e['p_wilcoxon'])}\n"
-                f"n={e['n_pairs']}", ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(bottom - 0.05 * span, top + 0.45 * span)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Dice difference per slice, per view and thresholds file\npaired t-test (t) "
-                 "and Wilcoxon (W): * p<0.05, ** p<0.01, *** p<0.001", fontsize=9)
+    ax.set_title("Dice difference per slice, per view and thresholds file (symlog axis)\n"
+                 "paired t-test (t) and Wilcoxon (W): * p<0.05, ** p<0.01, *** p<0.001",
+                 fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

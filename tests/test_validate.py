@@ -265,6 +265,8 @@ def test_three_views_match_direct_inference(three_views, brain):
 def test_three_views_outputs_timing_figures_report_and_resume(three_views):
     out, result, t, _ = three_views
     (subject,) = result["subjects"]
+    computed = subject["computed"]
+    assert computed["seconds"] > 0 and len(computed["load_average_before"]) == 3
     timing = subject["views"]["coronal"]["nanified"]["half"]["timing"]
     assert timing["repeats"] == 2 and len(timing["plain_seconds"]["all"]) == 2
     assert timing["speedup"] == pytest.approx(
