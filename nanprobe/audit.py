@@ -17,9 +17,18 @@ For every pooling layer of a run (a capture group with ``input`` and ``indices``
 and calibrates ``tie_limit`` / ``tie_eps`` / ``tie_rtol`` on a grid: for each setting,
 ``nan_max_pool2d`` runs on the reference's pooled input and its NaN windows (the flags) are
 scored against the measured unstable windows (precision, recall, F1, micro-averaged over all
-pooling layers). The best setting (max F1; ties: fewer flags, then grid order) is written as a
-:func:`~nanprobe.ops.load_config` compatible ``{"defaults": {...}}`` under
-``"calibrated_pooling"`` in ``RUN_DIR/audit.json``.
+pooling layers). The best setting (max F1; ties: fewer flags, then grid order) is the
+calibration's ``best``.
+
+**Verdict.** Ties explain the instability only if some setting's flags agree with the unstable
+windows: ``"explained"`` when the best F1 reaches :data:`VERDICT_MIN_F1`, ``"not_explained"``
+when it does not (or no layer could be scored), ``"no_unstable_windows"`` when no window is
+unstable. Only ``"explained"`` recommends NaN pooling with the best setting; otherwise the
+recommendation is ``tie_limit=None`` (no NaN pooling): flags on stable windows would only turn
+exact results into NaN (on the MNIST CNN, ReLU's exact zeros tie in 4-way windows that MCA
+never changes). The recommendation is written as a :func:`~nanprobe.ops.load_config`
+compatible ``{"defaults": {...}}`` under ``"calibrated_pooling"`` in ``RUN_DIR/audit.json``
+(what ``calibrate --pooling`` reads), with ``verdict`` and a one-sentence ``verdict_text``.
 
 Pooling geometry (kernel, stride, padding) is not stored in a run. It comes, per layer, from
 (1) the ``geometry`` argument, else (2) the run's model (loaded from the run spec), else
@@ -52,6 +61,12 @@ AUDIT_FILE = "audit.json"
 FIGURES_DIR = "audit"
 DEFAULT_EPS: tuple[float, ...] = (0.0, 1e-7, 1e-6, 1e-5, 1e-4)
 DEFAULT_RTOL: tuple[float, ...] = (0.0, 1e-6, 1e-5, 1e-4)
+#: ties explain the unstable windows when the best setting's F1 reaches this. Measured
+#: (``analyses/audit_verdict.py``, docs/reproducing-the-paper.md): default U-Net 0.998, a tied
+#: constant background (tests) 0.96; MNIST CNN 0.027, the paper-like MNIST CNN 0.491 (its flags
+#: are 3 times its unstable windows: ReLU's exact zeros)
+VERDICT_MIN_F1 = 0.7
+VERDICTS = ("explained", "not_explained", "no_unstable_windows")
 
 Pair = tuple[int, int]
 Geometry = tuple[Pair, Pair, Pair]  # kernel, stride, padding as (h, w) pairs
@@ -418,6 +433,7 @@ def audit_run(
     audit: dict[str, Any] = {
         "format": AUDIT_FORMAT,
         "run": str(run.path.resolve()),
+        "run_digest": run.digest,
         "samples": len(run.sample_paths),
         "run_complete": run.complete,
         "eps_values": eps_values,
@@ -431,26 +447,72 @@ def audit_run(
                     "unstable_fraction": _ratio(total_unstable, total_windows)},
         "provenance": _provenance(run),
     }
-    if grid_rows:
-        best = _best(grid_rows)
+    best = _best(grid_rows) if grid_rows else None
+    if best is not None:
         audit["calibration"] = {
             "scored_against": "measured unstable windows, all pooling layers (micro-average)",
             "selection": "max F1; ties: fewer flags, then smaller tie_limit, tie_eps, tie_rtol",
             "grid": grid_rows, "best": best,
         }
-        audit["calibrated_pooling"] = {
-            "format": "nanprobe-thresholds/1",
-            "defaults": {"tie_limit": best["tie_limit"], "tie_eps": best["tie_eps"],
-                         "tie_rtol": best["tie_rtol"]},
-            "provenance": {"source": "nanprobe audit", "run": str(run.path.resolve()),
-                           "precision": best["precision"], "recall": best["recall"],
-                           "f1": best["f1"], "nanprobe_version": __version__},
-        }
         _check_best(run, audit, kept, best)
+    zero_ties = [sum(e["exact_ties_at_zero"][k] for e in layers.values()
+                     if "exact_ties_at_zero" in e) for k in ("windows", "unstable")]
+    name, text = verdict(audit["summary"], len(run.sample_paths), best, zero_ties)
+    audit["verdict"] = name
+    audit["verdict_text"] = text
+    audit["verdict_criterion"] = (f"explained when the best setting's F1 >= {VERDICT_MIN_F1:g}; "
+                                  "otherwise (or without unstable windows) tie_limit=None")
+    recommended = ({"tie_limit": best["tie_limit"], "tie_eps": best["tie_eps"],
+                    "tie_rtol": best["tie_rtol"]} if name == "explained" else
+                   {"tie_limit": None, "tie_eps": 0.0, "tie_rtol": 0.0})
+    audit["calibrated_pooling"] = {
+        "format": "nanprobe-thresholds/1",
+        "defaults": recommended,
+        "provenance": {"source": "nanprobe audit", "run": str(run.path.resolve()),
+                       "run_digest": run.digest, "verdict": name, "verdict_text": text,
+                       "precision": None if best is None else best["precision"],
+                       "recall": None if best is None else best["recall"],
+                       "f1": None if best is None else best["f1"],
+                       "nanprobe_version": __version__},
+    }
     if plots:
         audit["figures"] = _figures(run, audit, kept, out_dir)
     write_json(out_dir / AUDIT_FILE, audit)
     return json_safe(audit)
+
+
+def verdict(summary: Mapping[str, Any], samples: int, best: Mapping[str, Any] | None,
+            zero_ties: Sequence[int] = (0, 0)) -> tuple[str, str]:
+    """The audit's verdict (one of :data:`VERDICTS`) and its one-sentence explanation.
+
+    ``summary``: the audit's ``{"windows", "unstable", ...}``; ``best``: the calibration's best
+    grid row (None when no layer could be scored); ``zero_ties``: (windows that are exact ties
+    at a max of 0, how many of them are unstable), quoted when ties are not the explanation.
+    """
+    windows, unstable = summary["windows"], summary["unstable"]
+    none = "so NaN pooling is not recommended (tie_limit=None)"
+    if not unstable:
+        return "no_unstable_windows", (
+            f"No pooling window is unstable over {samples} MCA samples ({windows:,} windows), so "
+            f"NaN pooling has nothing to mark and is not recommended (tie_limit=None).")
+    share = f"{unstable:,} unstable windows ({unstable / windows:.2%} of {windows:,})"
+    if best is None:
+        return "not_explained", (f"The {share} could not be scored against any tie setting (no "
+                                 f"pooling layer has a supported geometry), {none}.")
+    setting = (f"tie_limit={best['tie_limit']}, tie_eps={best['tie_eps']:g}, "
+               f"tie_rtol={best['tie_rtol']:g}")
+    if best["f1"] >= VERDICT_MIN_F1:
+        return "explained", (
+            f"Near ties explain the {share}: {setting} flags them with precision "
+            f"{_fmt(best['precision'])} and recall {_fmt(best['recall'])} (F1 "
+            f"{_fmt(best['f1'])} >= {VERDICT_MIN_F1:g}), so NaN pooling with that setting is "
+            "recommended.")
+    zeros = (f"; {zero_ties[0]:,} windows are exact ties at 0, {zero_ties[1]:,} of them unstable"
+             if zero_ties[0] else "")
+    return "not_explained", (
+        f"No tie setting explains the {share}: the best, {setting}, reaches F1 "
+        f"{_fmt(best['f1'])} < {VERDICT_MIN_F1:g} (precision {_fmt(best['precision'])}: "
+        f"{best['fp']:,} of its {best['flagged']:,} flags are stable windows{zeros}), {none}.")
 
 
 def _provenance(run: Run) -> dict[str, Any]:
@@ -488,7 +550,9 @@ def _figures(run: Run, audit: dict[str, Any], kept: dict[str, tuple[Geometry, np
     fig_dir = out_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {"maps": {}}
-    best = audit.get("calibrated_pooling", {}).get("defaults")
+    best = audit.get("calibration", {}).get("best")
+    shown = "flagged by nan_max_pool2d" if audit["verdict"] == "explained" else (
+        "flagged by the best tie setting (not recommended)")
     n = audit["samples"]
     for g, (geom, unstable, s) in kept.items():
         flagged = label = None
@@ -496,7 +560,7 @@ def _figures(run: Run, audit: dict[str, Any], kept: dict[str, tuple[Geometry, np
             x = torch.from_numpy(run.reference(f"layers/{g}/input", s))[None]
             flagged = nan_flags(x, geom, best["tie_limit"], best["tie_eps"],
                                 best["tie_rtol"])[0].numpy()
-            label = (f"flagged by nan_max_pool2d (tie_limit={best['tie_limit']}, "
+            label = (f"{shown} (tie_limit={best['tie_limit']}, "
                      f"tie_eps={best['tie_eps']:g}, tie_rtol={best['tie_rtol']:g})")
         path = fig_dir / f"unstable-{_safe_name(g)}.png"
         plot_unstable_map(unstable[s], path, title=f"{g}: slice {s}, {n} MCA samples",
@@ -512,21 +576,27 @@ def _figures(run: Run, audit: dict[str, Any], kept: dict[str, tuple[Geometry, np
 
 
 def summary_lines(audit: Mapping[str, Any]) -> list[str]:
-    """Plain-text lines summarising an audit dict (for the CLI): per layer and the calibration."""
+    """Plain-text lines summarising an audit dict (for the CLI): per layer, the best tie
+    setting, the verdict (name and sentence) and the recommended pooling."""
     lines = [f"{audit['samples']} samples; a window is unstable when its argmax differs from the "
              "reference in some sample"]
     for name, e in audit["layers"].items():
         line = f"{name}: {e['unstable']}/{e['windows']} unstable ({e['unstable_fraction']:.1%})"
         cal = e.get("calibrated")
         if cal is not None:
-            line += (f"; calibrated flags P={_fmt(cal['precision'])} R={_fmt(cal['recall'])} "
+            line += (f"; best setting's flags P={_fmt(cal['precision'])} R={_fmt(cal['recall'])} "
                      f"F1={_fmt(cal['f1'])}")
         lines.append(line)
     best = audit.get("calibration", {}).get("best")
     if best is not None:
-        lines.append(f"calibrated: tie_limit={best['tie_limit']} tie_eps={best['tie_eps']:g} "
+        lines.append(f"best tie setting: tie_limit={best['tie_limit']} tie_eps={best['tie_eps']:g} "
                      f"tie_rtol={best['tie_rtol']:g} (P={_fmt(best['precision'])} "
                      f"R={_fmt(best['recall'])} F1={_fmt(best['f1'])}, all pooling layers)")
+    lines.append(f"verdict: {audit['verdict']}: {audit['verdict_text']}")
+    rec = audit["calibrated_pooling"]["defaults"]
+    lines.append("calibrated pooling: tie_limit=None (no NaN pooling)" if rec["tie_limit"] is None
+                 else f"calibrated pooling: tie_limit={rec['tie_limit']} "
+                      f"tie_eps={rec['tie_eps']:g} tie_rtol={rec['tie_rtol']:g}")
     return lines
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
+import os
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,15 +38,19 @@ from .evaluate import (
     classification_scores,
     dice_per_class,
     forward_pass,
-    interleaved_times,
+    interleaved_rounds,
     labels_from_logits,
+    machine_busy,
     mean_foreground_dice,
+    ratio_spread,
     skip_table,
+    speed_verdict,
     split_batches,
 )
 from .inputs import PreparedInput, prepare_input
+from .integrity import recorded_digest
 from .jsonio import json_safe, write_json
-from .models.registry import LoadedModel, load
+from .models.registry import LoadedModel, class_names, load
 from .ops import NanConv2d, nanify, skip_stats
 from .ops.conv import FILLS, Fill, check_fill
 
@@ -85,12 +90,18 @@ def load_pooling(source: str | Path | Mapping[str, Any] | None) -> tuple[dict[st
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("calibrated_pooling", {}), dict):
+            raise ValueError(f"{path} is not an audit.json or thresholds file (expected a JSON "
+                             f"object, found {type(data).__name__}); pass the audit.json of "
+                             "`nanprobe audit` or omit --pooling")
         if "calibrated_pooling" in data:
             data = data["calibrated_pooling"]
         elif "layers" in data and "defaults" not in data:
             raise ValueError(f"{path} has no calibrated pooling setting (the audit found no "
                              "unstable windows to calibrate on); omit --pooling")
         where = str(path)
+    if not isinstance(data.get("defaults", {}), dict):
+        raise ValueError(f"pooling settings from {where}: 'defaults' must be a JSON object")
     defaults = dict(data.get("defaults", {}))
     bad = set(defaults) - set(DEFAULT_POOLING) - {"nan_threshold", "fill", "sigma",
                                                    "count_padding", "impl"}
@@ -164,12 +175,8 @@ def _item_agreement(task: str, pred: np.ndarray, target: np.ndarray,
     """Per slice mean foreground Dice, or per sample 1.0/0.0 (correct or not)."""
     if task == "classification":
         return [float(p == t) for p, t in zip(pred, target, strict=True)]
-    out = []
-    for p, t in zip(pred, target, strict=True):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # slice without foreground
-            out.append(mean_foreground_dice(dice_per_class(p, t, num_classes)))
-    return out
+    return [mean_foreground_dice(dice_per_class(p, t, num_classes))
+            for p, t in zip(pred, target, strict=True)]
 
 
 def _loss_reference(against: str, has_labels: bool) -> str:
@@ -184,14 +191,25 @@ def _loss_reference(against: str, has_labels: bool) -> str:
     return against
 
 
-def recommend(settings: Sequence[Mapping[str, Any]], tolerance: float) -> int | None:
-    """Index of the setting skipping the most MACs with ``loss <= tolerance`` (None: none).
+#: what the recommendation maximises among the settings within tolerance
+OBJECTIVES = ("skip", "speed")
 
-    Ties go to the higher ``nan_threshold`` (the more conservative setting), then sweep order.
+
+def recommend(settings: Sequence[Mapping[str, Any]], tolerance: float,
+              objective: str = "skip") -> int | None:
+    """Index of the best setting with ``loss <= tolerance`` (None: none).
+
+    ``objective="skip"`` (the paper's choice): the most MACs skipped; ties go to the higher
+    ``nan_threshold`` (the more conservative setting), then sweep order. ``"speed"``: the
+    highest median measured speed-up (needs ``speedup``); ties go to more MACs skipped.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     ok = [i for i, s in enumerate(settings) if s["loss"] is not None and s["loss"] <= tolerance]
     if not ok:
         return None
+    if objective == "speed":
+        return max(ok, key=lambda i: (settings[i]["speedup"], settings[i]["skip"]["macs"], -i))
     return max(ok, key=lambda i: (round(settings[i]["skip"]["macs"], 12),
                                   settings[i]["nan_threshold"], -i))
 
@@ -231,6 +249,7 @@ def calibrate(
     repeats: int = 3,
     batch_size: int = 4,
     seed: int = 0,
+    objective: str = "skip",
     provenance_extra: Mapping[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -257,6 +276,8 @@ def calibrate(
     (index or None), ``thresholds_file`` and ``provenance``.
     """
     _check_sweep(thresholds, fills, tolerance, repeats, batch_size)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     loaded = model if isinstance(model, LoadedModel) else load(
         model, checkpoint=checkpoint, view=view, trust=trust)
     task = loaded.task or "segmentation"
@@ -271,6 +292,9 @@ def calibrate(
     tolerance = DEFAULT_TOLERANCE[task] if tolerance is None else tolerance
     against = _loss_reference(against, prepared.labels is not None)
     pool_opts, pool_source = load_pooling(pooling)
+    # the run the pooling settings were calibrated on: the calibration is stale with it
+    pooling_digest = (recorded_digest(pool_source) if isinstance(pooling, str | Path)
+                      else None)
     x = prepared.tensor
     nan_label = -1 if task == "classification" else 0
     plain = loaded.model.eval()
@@ -284,7 +308,7 @@ def calibrate(
                              if truth is not None else no_truth)
 
     grid = [(float(t), f) for t in thresholds for f in fills]
-    total = len(grid) + 1
+    total = 2 * len(grid) + 1  # quality per setting, timing per setting, then the baseline
     settings: list[dict[str, Any]] = []
     models: list[nn.Module] = []
     for done, (threshold, fill) in enumerate(grid):
@@ -320,23 +344,49 @@ def calibrate(
         if on_progress:
             on_progress(done + 1, total)
 
+    # speed: each setting timed in rounds alternating with the plain model, so that both see
+    # the same machine state; the ratio's spread over the rounds is reported with its median
     batches = split_batches(x, batch_size)
-    # the plain model in channels-last layout: nanified convolutions compute in that layout, so
-    # this baseline separates what the skipping gains from what the layout gains
-    plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-    batches_cl = split_batches(x, batch_size, channels_last=True)
-    forward_pass(plain_cl, batches_cl)()  # warm-up; every other model just ran on x
-    seconds = interleaved_times(
-        [forward_pass(plain, batches), forward_pass(plain_cl, batches_cl),
-         *(forward_pass(m, batches) for m in models)], repeats, warmup=False)
-    for setting, t in zip(settings, seconds[2:], strict=True):
-        setting["seconds"] = t
-        setting["speedup"] = seconds[0] / t
-        setting["speedup_channels_last"] = seconds[1] / t
+    run_plain = forward_pass(plain, batches)
+    load_before = os.getloadavg()[0]
+    plain_seconds: list[float] = []
+    for done, (setting, nan_model) in enumerate(zip(settings, models, strict=True)):
+        t_plain, t_nan = interleaved_rounds([run_plain, forward_pass(nan_model, batches)],
+                                            repeats, warmup=False)
+        plain_seconds += t_plain
+        ratio = ratio_spread(t_plain, t_nan)
+        setting.update(seconds=statistics.median(t_nan), seconds_plain=statistics.median(t_plain),
+                       speedup=ratio["median"], speedup_range=ratio["range"],
+                       speedup_channels_last=None, speedup_channels_last_range=None)
+        if on_progress:
+            on_progress(len(grid) + done + 1, total)
+    best = recommend(settings, tolerance, objective)
+    if best is not None:
+        # the plain model in channels-last layout: nanified convolutions compute in that
+        # layout, so this baseline separates what the skipping gains from what the layout gains
+        plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+        batches_cl = split_batches(x, batch_size, channels_last=True)
+        forward_pass(plain_cl, batches_cl)()  # warm-up
+        t_cl, t_nan = interleaved_rounds([forward_pass(plain_cl, batches_cl),
+                                          forward_pass(models[best], batches)], repeats,
+                                         warmup=False)
+        ratio = ratio_spread(t_cl, t_nan)
+        settings[best].update(speedup_channels_last=ratio["median"],
+                              speedup_channels_last_range=ratio["range"],
+                              seconds_plain_channels_last=statistics.median(t_cl))
+    load_after = os.getloadavg()[0]
     if on_progress:
         on_progress(total, total)
-
-    best = recommend(settings, tolerance)
+    rec = settings[best] if best is not None else None
+    timing = {
+        "repeats": repeats, "batch_size": batch_size, "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(), "load_average_1min": [load_before, load_after],
+        "compared_against": "the plain model as given (every setting) and the plain model in "
+                            "channels-last layout (the recommended setting), in alternating "
+                            "rounds",
+        "busy": None if rec is None else machine_busy(load_before, load_after,
+                                                      rec["speedup_range"], rec["speedup"]),
+    }
     out_dir = Path(out_dir)
     provenance = {
         "model": loaded.spec, "weights_sha256": loaded.weights_sha256,
@@ -344,6 +394,7 @@ def calibrate(
         "torch_version": str(torch.__version__), "threads": torch.get_num_threads(),
         "allocator": allocator_note(),
         "created": datetime.now(timezone.utc).isoformat(), "pooling_source": pool_source,
+        "run_digest": pooling_digest,
         "seed": seed, "sigma": sigma, "repeats": repeats, "batch_size": batch_size,
         **(provenance_extra or {}),
     }
@@ -351,10 +402,11 @@ def calibrate(
         "format": CALIBRATION_FORMAT, "provenance": provenance, "task": task,
         "pooling": pool_opts, "metric": METRIC[task], "tolerance": tolerance,
         "loss_against": against,
-        "class_names": _class_names(loaded, num_classes),
-        "plain": {"seconds": seconds[0], "seconds_channels_last": seconds[1],
-                  "vs_labels": plain_vs_labels},
-        "settings": settings, "recommended": best,
+        "class_names": class_names(loaded.spec, num_classes),
+        "plain": {"seconds": statistics.median(plain_seconds),
+                  "seconds_channels_last": None if rec is None
+                  else rec["seconds_plain_channels_last"], "vs_labels": plain_vs_labels},
+        "settings": settings, "recommended": best, "objective": objective, "timing": timing,
         "thresholds_file": THRESHOLDS_FILE if best is not None else None,
     }
     thresholds_path = out_dir / THRESHOLDS_FILE
@@ -383,10 +435,14 @@ def thresholds_config(calibration: Mapping[str, Any]) -> dict[str, Any]:
                        "input_sha256": prov["input"]["input_sha256"],
                        "selection": prov["input"]["selection"],
                        "pooling_source": prov["pooling_source"],
+                       "run_digest": prov.get("run_digest"),
                        "metric": calibration["metric"], "loss": s["loss"],
                        "tolerance": calibration["tolerance"], "skip": s["skip"],
-                       "speedup": s["speedup"],
+                       "speedup": s["speedup"], "speedup_range": s.get("speedup_range"),
+                       "verdict": speed_verdict(*s["speedup_range"]),
                        "speedup_channels_last": s.get("speedup_channels_last"),
+                       "speedup_channels_last_range": s.get("speedup_channels_last_range"),
+                       "objective": calibration.get("objective", "skip"),
                        "allocator": prov.get("allocator"),
                        "nanprobe_version": prov["nanprobe_version"],
                        "torch_version": prov["torch_version"], "created": prov["created"]},
@@ -400,44 +456,62 @@ def _written_by_calibrate(path: Path) -> bool:
         return False
 
 
-def _class_names(loaded: LoadedModel, num_classes: int) -> list[str] | None:
-    if loaded.spec == "default":
-        from .models.default import CLASS_NAMES
-
-        return list(CLASS_NAMES)
-    if loaded.spec == "mnist":
-        return [str(d) for d in range(num_classes)]
-    return None
-
-
 def summary_lines(calibration: Mapping[str, Any]) -> list[str]:
-    """Human-readable lines: the sweep table and the recommendation."""
+    """Human-readable lines: the sweep table and the recommendation (with the speed's spread
+    over the timed rounds, and a warning when the machine was busy while timing)."""
     metric = calibration["metric"]
     lines = [f"{'threshold':>9} {'fill':>9} {'skip pos':>8} {'skip MACs':>9} "
-             f"{metric:>10} {'speed-up':>8} {'vs plain channels-last':>22}"]
+             f"{metric:>10} {'speed-up vs plain (min-max)':>27}"]
     for i, s in enumerate(calibration["settings"]):
         mark = "  <- recommended" if i == calibration["recommended"] else ""
-        lines.append(f"{s['nan_threshold']:>9.2f} {s['fill']:>9} {s['skip']['positions']:>8.1%} "
-                     f"{s['skip']['macs']:>9.1%} {s['agreement'][metric]:>10.4f} "
-                     f"{s['speedup']:>7.2f}x {_speedup_cl(s):>22}{mark}")
+        lines.append(f"{s['nan_threshold']:>9.2f} {s['fill']!s:>9} "
+                     f"{s['skip']['positions']:>8.1%} {s['skip']['macs']:>9.1%} "
+                     f"{_num(s['agreement'][metric]):>10} {_speed(s):>27}{mark}")
+    busy = (calibration.get("timing") or {}).get("busy")
+    if busy:
+        lines.append(f"warning: the machine was busy while timing ({busy}); the speed figures "
+                     "are unreliable, rerun on a quiet machine")
     return [*lines, recommendation_line(calibration)]
 
 
-def _speedup_cl(setting: Mapping[str, Any]) -> str:
-    """The speed-up against the plain model in channels-last layout ("-" in older files)."""
-    value = setting.get("speedup_channels_last")
-    return "-" if value is None else f"{value:.2f}x"
+def _num(value: float | None) -> str:
+    """``value`` with 4 decimals, "n/a" when undefined (e.g. Dice without any foreground)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _speed(setting: Mapping[str, Any], key: str = "speedup") -> str:
+    """``0.94x (0.90-0.97x)``: the median speed-up and its range over the timed rounds."""
+    value, spread = setting.get(key), setting.get(f"{key}_range")
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f}x)" if spread else "")
+
+
+def speed_words(setting: Mapping[str, Any], key: str = "speedup") -> str:
+    """"0.70x (0.68-0.73x), slower than the plain model on this machine" and the like."""
+    lo, hi = setting[f"{key}_range"]
+    verdict = speed_verdict(lo, hi)
+    against = "the plain model" + (" in channels-last layout" if key != "speedup" else "")
+    words = {"faster": f"faster than {against}", "slower": f"slower than {against}",
+             "no measurable difference": f"no measurable difference from {against}"}[verdict]
+    return f"{_speed(setting, key)}: {words} on this machine"
 
 
 def recommendation_line(calibration: Mapping[str, Any]) -> str:
     """One line: the recommended setting and what it gains and loses, or why there is none."""
     metric, best = calibration["metric"], calibration["recommended"]
     if best is None:
+        if all(s["loss"] is None for s in calibration["settings"]):
+            return (f"the {metric} loss is undefined for every setting (the calibration input "
+                    "has no foreground to compare?); choose other --slices; no thresholds.json "
+                    "written")
         return (f"no setting keeps the {metric} loss (vs {calibration['loss_against']}) "
                 f"within {calibration['tolerance']}; no thresholds.json written")
     s = calibration["settings"][best]
-    return (f"recommended: nan_threshold={s['nan_threshold']} fill={s['fill']} "
-            f"({s['skip']['macs']:.1%} of conv MACs skipped, {metric} loss vs "
-            f"{calibration['loss_against']} {s['loss']:.4f} <= {calibration['tolerance']}, "
-            f"measured speed-up {s['speedup']:.2f}x, {_speedup_cl(s)} against the plain model "
-            "in channels-last layout)")
+    line = (f"recommended: nan_threshold={s['nan_threshold']} fill={s['fill']}: skips "
+            f"{s['skip']['macs']:.1%} of conv MACs, {metric} loss vs "
+            f"{calibration['loss_against']} {s['loss']:.4f} <= {calibration['tolerance']}; "
+            f"{speed_words(s)}")
+    if s.get("speedup_channels_last_range"):
+        line += f" ({_speed(s, 'speedup_channels_last')} against it in channels-last layout)"
+    return line

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .integrity import uninterrupted
+
 POOL_TYPES = (nn.MaxPool2d,)
 DEFAULT_TYPES = (nn.Conv2d, nn.MaxPool2d, nn.MaxUnpool2d)
 
@@ -146,6 +148,10 @@ class H5Writer:
 
     def __call__(self, key: str, tensor: torch.Tensor) -> None:
         arr = _as_numpy(tensor)
+        with uninterrupted():  # HDF5 must not see an exception from a signal
+            self._write(key, arr)
+
+    def _write(self, key: str, arr: np.ndarray) -> None:
         if key not in self.h5:
             kwargs = {}
             if self.compression and arr.ndim > 1:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import math
+import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 
@@ -26,23 +29,125 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
 #: errors that are the user's to fix: shown as one line, exit code 2
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, KeyError,
-               RuntimeError)
+USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
+
+
+def _error_line(err: BaseException) -> str:
+    """One line for ``err``; an OSError names its file."""
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in str(err):
+        return f"{err.strerror or err}: {err.filename}"
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def friendly_errors(fn: F) -> F:
-    """Turn user errors raised by the library into a one-line message and exit code 2."""
+    """Turn user errors raised by the library into a one-line message and exit code 2; an
+    interrupted run (Ctrl-C, SIGTERM) into one line and exit code 130 / 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as err:  # Ctrl-C; mca_run's RunInterrupted says more
+            message = _error_line(err) if str(err) else "interrupted"
+            err_console.print(f"[bold yellow]stopped:[/] {escape(message)}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(code=getattr(err, "exit_code", 130)) from None
         except USER_ERRORS as err:
-            message = " ".join(str(err).split()) or type(err).__name__
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(_error_line(err))}",
+                              highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def notice(message: str) -> None:
+    """Print a one-line notice (e.g. a quarantined file) on stderr."""
+    err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a ``nanprobe ...`` line: arguments, then the options that differ
+    from their defaults (for provenance)."""
+    args: list[str] = ["nanprobe", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif value != param.default and value not in (None, [], ()):
+            flag = param.opts[0]
+            for v in (value if isinstance(value, list | tuple) else [value]):
+                if isinstance(v, bool):
+                    args.append(flag if v else param.secondary_opts[0])
+                else:
+                    args += [flag, str(v)]
+    return shlex.join(args)
+
+
+#: without a terminal, progress lines are printed at most this often (seconds)
+PROGRESS_EVERY = 10.0
+
+
+class Progress:
+    """Progress of a command's long tasks and steps, on stderr.
+
+    On a terminal: a rich bar per task. Elsewhere (a log file, CI, ``| tee``): plain lines,
+    one per task update at most every :data:`PROGRESS_EVERY` seconds and at completion, so
+    that a long step is never silent. :meth:`step` prints a step's start and the previous
+    step's elapsed time.
+    """
+
+    def __init__(self, unit: str = "") -> None:
+        self.unit = unit
+        self.bar = None
+        self.tasks: dict[str, Any] = {}
+        self.printed: dict[str, float] = {}
+        self.current: tuple[str, float] | None = None
+
+    def __enter__(self) -> Progress:
+        if err_console.is_terminal:
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(),
+                           TextColumn("{task.completed}/{task.total} " + self.unit),
+                           TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._finish_step()
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def update(self, name: str, done: int, total: int | None) -> None:
+        if self.bar is not None:
+            if name not in self.tasks:
+                self.tasks[name] = self.bar.add_task(name, total=total)
+            self.bar.update(self.tasks[name], completed=done, total=total)
+            return
+        now = time.monotonic()
+        if done == total or now - self.printed.get(name, -math.inf) >= PROGRESS_EVERY:
+            self.printed[name] = now
+            of = f"/{total}" if total else ""
+            err_console.print(f"{name}: {done}{of} {self.unit}".rstrip(), highlight=False)
+
+    def step(self, name: str, skipped: bool) -> None:
+        self._finish_step()
+        if skipped:
+            err_console.print(f"[bold]{name}[/]: up to date", highlight=False)
+            return
+        err_console.print(f"[bold]{name}[/] ...", highlight=False)
+        self.current = (name, time.monotonic())
+
+    def _finish_step(self) -> None:
+        if self.current is not None:
+            name, start = self.current
+            err_console.print(f"[bold]{name}[/]: done in {time.monotonic() - start:.1f} s",
+                              highlight=False)
+            self.current = None
 
 
 def _version(value: bool) -> None:
@@ -83,6 +188,12 @@ ToleranceOpt = Annotated[float | None, typer.Option(
 AgainstOpt = Annotated[str, typer.Option(
     help="Measure the loss against ground-truth 'labels', the 'plain' model, or 'auto' (labels "
     "when the input has them).")]
+ResultsOpt = Annotated[Path | None, typer.Option(
+    "--out", help="Folder for the results (default: RUN_DIR); lets a read-only run be analysed. "
+    "`nanprobe report RUN_DIR --out DIR` then reads them from DIR.")]
+ObjectiveOpt = Annotated[str, typer.Option(
+    help="What the recommendation maximises within --tolerance: skip (the most conv MACs "
+    "skipped, the paper's choice) or speed (the fastest measured setting).")]
 RepeatsOpt = Annotated[int, typer.Option(
     min=1, help="Timed repetitions per setting (interleaved with the plain model).")]
 
@@ -158,7 +269,7 @@ def mca_run_cmd(
         help="Replace a run with a different spec in --out.")] = False,
     executor: Annotated[str, typer.Option(
         help="Where samples run: local (processes on this machine, see --jobs) or dask (one "
-        "Dask task per sample; needs `pip install nanprobe[dask]`).")] = "local",
+        "Dask task per sample; needs `pip install nanprobe\\[dask]`).")] = "local",
     scheduler: Annotated[str | None, typer.Option(
         help="--executor dask: address of a running Dask scheduler, tcp://HOST:PORT.")] = None,
     cluster: Annotated[str | None, typer.Option(
@@ -197,8 +308,6 @@ def mca_run_cmd(
     Writes OUT/reference.h5 (unperturbed), OUT/samples/sample-XXXX.h5 and OUT/run.json.
     Rerunning the same command resumes where it stopped.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .run import RunSpec, mca_run
 
     backend_opts: dict = {"name": backend, "rounding_mode": rounding_mode}
@@ -219,13 +328,11 @@ def mca_run_cmd(
             slurm={"queue": queue, "account": account, "walltime": walltime, "cores": cores,
                    "memory": memory, "job_extra": job_extra or None, "image": image},
             gather=gather, retries=retries, run_dir=out)
-    with run_executor as dask_run, Progress(
-            TextColumn("[bold]mca-run"), BarColumn(), TextColumn("{task.completed}/"
-            "{task.total} files"), TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task("mca-run", total=samples + 1)
+    with run_executor as dask_run, Progress("files") as bar:
         result = mca_run(spec, out, jobs=jobs, overwrite=overwrite, max_gb=max_gb,
                          valgrind=valgrind, timeout=timeout, executor=dask_run,
-                         on_progress=lambda done, total: bar.update(task, completed=done))
+                         on_progress=lambda done, total: bar.update("mca-run", done, total),
+                         on_notice=notice)
     typer.echo(f"run complete: {result.path} ({len(result.sample_paths)} samples + reference)")
 
 
@@ -251,16 +358,19 @@ def sigdigits(
         min=0, help="Input slice shown in the heatmaps.")] = 0,
     aggregate: Annotated[str, typer.Option(
         help="How heatmaps aggregate channels: min, mean or median.")] = "min",
+    out: ResultsOpt = None,
 ) -> None:
     """Significant bits per layer and element over the samples -> RUN_DIR/sigdigits.h5 + PNGs."""
     from .plots import plot_sigdigits
-    from .sigdigits import compute_sigdigits
+    from .sigdigits import OUTPUT, compute_sigdigits
 
-    out = compute_sigdigits(run_dir, method=method, reference=reference, error=error,
-                            probability=probability, confidence=confidence, keys=layers)
-    pngs = plot_sigdigits(out, run_dir / "sigdigits", slice_index=slice_index,
+    folder = out if out is not None else run_dir
+    written = compute_sigdigits(run_dir, method=method, reference=reference, error=error,
+                                probability=probability, confidence=confidence, keys=layers,
+                                out=folder / OUTPUT)
+    pngs = plot_sigdigits(written, folder / "sigdigits", slice_index=slice_index,
                           aggregate=aggregate)
-    typer.echo(f"wrote {out} and {len(pngs)} PNGs in {run_dir / 'sigdigits'}")
+    typer.echo(f"wrote {written} and {len(pngs)} PNGs in {folder / 'sigdigits'}")
 
 
 @app.command()
@@ -270,6 +380,7 @@ def audit(
     eps: Annotated[list[float] | None, typer.Option(
         "--eps", help="Tie tolerances for the P(unstable | ties) table and the calibration "
         "(repeatable; default 0, 1e-7, 1e-6, 1e-5, 1e-4).")] = None,
+    out: ResultsOpt = None,
 ) -> None:
     """Which pooling windows are unstable, why (near ties), and the calibrated tie settings.
 
@@ -279,9 +390,9 @@ def audit(
     from .audit import audit_run, summary_lines
 
     kwargs = {"eps_values": tuple(eps)} if eps else {}
-    for line in summary_lines(audit_run(run_dir, **kwargs)):
+    for line in summary_lines(audit_run(run_dir, out=out, **kwargs)):
         typer.echo(line)
-    typer.echo(f"wrote {run_dir / 'audit.json'}")
+    typer.echo(f"wrote {(out if out is not None else run_dir) / 'audit.json'}")
 
 
 @app.command()
@@ -301,6 +412,7 @@ def compare(
 @app.command()
 @friendly_errors
 def calibrate(
+    ctx: typer.Context,
     model: ModelArg = "default",
     input: InputArg = "default",
     out: Annotated[Path, typer.Option(
@@ -326,30 +438,30 @@ def calibrate(
         "activations of 32 MiB or more page-fault in on every call (glibc's mmap ceiling).")
     ] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the noisy_max fill.")] = 0,
+    objective: ObjectiveOpt = "skip",
 ) -> None:
     """Sweep NaN thresholds x fills: skipped work, agreement and speed vs the plain model.
 
-    Recommends the setting that skips the most while its loss stays within --tolerance and
-    writes it as OUT/thresholds.json (for `nanify(config=...)` and `mca-run --nanify`); all
-    numbers go to OUT/calibration.json.
+    Recommends the setting that skips the most (or, with --objective speed, runs fastest)
+    while its loss stays within --tolerance and writes it as OUT/thresholds.json (for
+    `nanify(config=...)` and `mca-run --nanify`); all numbers go to OUT/calibration.json.
+    Each setting is timed in rounds alternating with the plain model: the speed-up is the
+    median ratio, with its range over the rounds.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .calibrate import DEFAULT_THRESHOLDS, FILLS, summary_lines
     from .calibrate import calibrate as run_calibration
     from .ops.conv import parse_fill
 
     if pooling is None and (out / "audit.json").is_file():
         pooling = out / "audit.json"
-    with Progress(TextColumn("[bold]calibrate"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total} settings"), TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task("calibrate", total=None)
+    with Progress("steps (a quality pass and a timing per setting)") as bar:
         result = run_calibration(
             model, input, out, slices=slices, view=view, checkpoint=checkpoint, trust=trust,
             thresholds=tuple(thresholds) if thresholds else DEFAULT_THRESHOLDS,
             fills=tuple(map(parse_fill, fills)) if fills else FILLS, pooling=pooling,
             tolerance=tolerance, against=against, repeats=repeats, batch_size=batch_size, seed=seed,
-            on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+            objective=objective, provenance_extra={"command": command_line(ctx)},
+            on_progress=lambda done, total: bar.update("calibrate", done, total))
     for line in summary_lines(result):
         typer.echo(line)
     written = [out / "calibration.json"]
@@ -362,16 +474,18 @@ def calibrate(
 @friendly_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `nanprobe mca-run`.")],
+    out: ResultsOpt = None,
 ) -> None:
     """One self-contained HTML page of a run: recommendation, sigdigit maps, pooling audit,
     threshold sweep, skips per layer and slice, speed and provenance.
 
     Writes RUN_DIR/report.html, RUN_DIR/report.json and figures in RUN_DIR/report/; steps not
-    run yet (sigdigits, audit, calibrate) are named in the report.
+    run yet (sigdigits, audit, calibrate) are named in the report, and results computed from
+    an earlier state of the run are left out as stale.
     """
     from .report import write_report
 
-    html_path, json_path = write_report(run_dir)
+    html_path, json_path = write_report(run_dir, out=out)
     typer.echo(f"wrote {html_path} and {json_path}")
 
 
@@ -398,6 +512,7 @@ def analyze(
     tolerance: ToleranceOpt = None,
     against: AgainstOpt = "auto",
     repeats: RepeatsOpt = 3,
+    objective: ObjectiveOpt = "skip",
     seed: Annotated[int, typer.Option(help="Seed of the MCA samples and the noisy_max fill.")
                     ] = 0,
     jobs: Annotated[int, typer.Option(min=1, help="MCA samples computed in parallel.")] = 1,
@@ -409,11 +524,9 @@ def analyze(
     With no argument: the bundled default U-Net on the bundled brain (a few minutes on 2
     cores). Ends with the path of OUT/report.html; rerunning resumes and skips finished steps.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .analyze import AnalyzeOptions
+    from .analyze import AnalyzeOptions, summary_lines
     from .analyze import analyze as run_analysis
-    from .calibrate import DEFAULT_THRESHOLDS, FILLS, recommendation_line
+    from .calibrate import DEFAULT_THRESHOLDS, FILLS
     from .ops.conv import parse_fill
 
     opts = AnalyzeOptions(
@@ -422,23 +535,12 @@ def analyze(
         checkpoint=str(checkpoint) if checkpoint else None, trust=trust, seed=seed, jobs=jobs,
         max_gb=max_gb, thresholds=tuple(thresholds) if thresholds else DEFAULT_THRESHOLDS,
         fills=tuple(map(parse_fill, fills)) if fills else FILLS, tolerance=tolerance,
-        against=against, repeats=repeats)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
-                  console=err_console) as bar:
-        tasks: dict[str, int] = {}
-
-        def on_step(name: str, skipped: bool) -> None:
-            note = " (up to date)" if skipped else ""
-            bar.console.print(f"[bold]{name}[/]{note}")
-
-        def on_progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done, total=total)
-
-        html_path = run_analysis(opts, out, on_step=on_step, on_progress=on_progress)
-    typer.echo(recommendation_line(json.loads((out / "calibration.json").read_text())))
+        against=against, repeats=repeats, objective=objective)
+    with Progress() as bar:
+        html_path = run_analysis(opts, out, on_step=bar.step, on_progress=bar.update,
+                                 on_notice=notice)
+    for line in summary_lines(out):
+        typer.echo(line)
     typer.echo(f"report: {html_path}")
 
 

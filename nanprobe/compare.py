@@ -19,6 +19,7 @@ selections (slices, view) are refused with a one-line ValueError.
 from __future__ import annotations
 
 import hashlib
+import shlex
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,6 @@ from .run import Run
 COMPARE_FORMAT = "nanprobe-compare/1"
 SIGDIGITS_FILE = "sigdigits.h5"
 MAX_BITS = 24.0  # float32 significand
-SIGDIGITS_HINT = "run `nanprobe sigdigits` first"
 
 
 def _file_digest(path: str | None) -> str | None:
@@ -170,7 +170,8 @@ def _sigbit_agreement(a: Run, b: Run, estimate_max_bytes: float) -> tuple[
         str | None, str | None, Iterator[tuple[str, dict[str, Any]]] | None]:
     """(source, note, iterator of (key, :meth:`MapAgreement.result`)) for the bit maps."""
     fa, fb = a.path / SIGDIGITS_FILE, b.path / SIGDIGITS_FILE
-    if fa.is_file() and fb.is_file():
+    usable = {run.path: f.is_file() and run.derived_from_this(f) for run, f in ((a, fa), (b, fb))}
+    if all(usable.values()):
         ma, mb = sigdigits_maps(fa), sigdigits_maps(fb)
 
         def read() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -186,11 +187,14 @@ def _sigbit_agreement(a: Run, b: Run, estimate_max_bytes: float) -> tuple[
                     yield key, acc.result()
 
         return SIGDIGITS_FILE, None, read()
-    missing = [str(f) for f in (fa, fb) if not f.is_file()]
+    lacking = [run for run, f in ((a, fa), (b, fb)) if not usable[run.path]]
+    why = "; ".join(f"{run.path} has {'a stale' if (run.path / SIGDIGITS_FILE).is_file() else 'no'}"
+                    f" {SIGDIGITS_FILE}" for run in lacking)
+    fix = " && ".join(f"nanprobe sigdigits {shlex.quote(str(run.path))}" for run in lacking)
     size = _run_bytes(a) + _run_bytes(b)
     if size > estimate_max_bytes:
-        return None, (f"no {SIGDIGITS_FILE} in {', '.join(missing)} and the runs are too large "
-                      f"({size / 1e6:.0f} MB) for a quick estimate; {SIGDIGITS_HINT}"), None
+        return None, (f"{why}, and the runs are too large ({size / 1e6:.0f} MB) for a quick "
+                      f"estimate; run `{fix}` first"), None
     da, db = _datasets(a.reference_path), _datasets(b.reference_path)
     keys = [k for k in da if k in db and da[k][0] == db[k][0]
             and np.issubdtype(da[k][1], np.floating)]
@@ -199,9 +203,8 @@ def _sigbit_agreement(a: Run, b: Run, estimate_max_bytes: float) -> tuple[
         for k in keys:
             yield k, map_agreement(sigbits_estimate(a, k), sigbits_estimate(b, k))
 
-    note = (f"no {SIGDIGITS_FILE} in {', '.join(missing)}: simple estimate "
-            "clip(-log2(std/|mean|), 0, 24) over the samples; for the real maps "
-            f"{SIGDIGITS_HINT}")
+    note = (f"{why}: simple estimate clip(-log2(std/|mean|), 0, 24) over the samples; for "
+            f"the real maps run `{fix}` first")
     return "estimate", note, estimate()
 
 

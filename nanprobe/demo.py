@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,15 @@ from . import __version__
 from .evaluate import (
     dice_per_class,
     forward_pass,
-    interleaved_times,
+    interleaved_rounds,
     labels_from_logits,
+    ratio_spread,
     skip_table,
+    speed_verdict,
     split_batches,
 )
 from .inputs import prepare_input
+from .jsonio import write_json
 from .models.registry import load
 from .ops import nanify, skip_stats
 
@@ -48,9 +51,10 @@ def demo_results(*, slices: int = 8, nan_threshold: float = 1.0, tie_eps: float 
         plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
         batches = split_batches(x, batch_size)
         batches_cl = split_batches(x, batch_size, channels_last=True)
-        t_plain, t_cl, t_nan = interleaved_times(
+        t_plain, t_cl, t_nan = interleaved_rounds(
             [forward_pass(plain, batches), forward_pass(plain_cl, batches_cl),
              forward_pass(nan_model, batches)], repeats)
+    speed, speed_cl = ratio_spread(t_plain, t_nan), ratio_spread(t_cl, t_nan)
     classes = loaded.num_classes or int(ref_labels.max()) + 1
     return {
         "provenance": {"model": loaded.spec, "weights_sha256": loaded.weights_sha256,
@@ -64,11 +68,13 @@ def demo_results(*, slices: int = 8, nan_threshold: float = 1.0, tie_eps: float 
         "dice_vs_plain": dice_per_class(nan_labels, ref_labels, classes),
         "dice_plain_vs_template": (dice_per_class(ref_labels, prepared.labels, classes)
                                    if prepared.labels is not None else None),
-        "seconds_plain": t_plain,
-        "seconds_nanified": t_nan,
-        "speedup": t_plain / t_nan,
-        "seconds_plain_channels_last": t_cl,
-        "speedup_channels_last": t_cl / t_nan,
+        "seconds_plain": statistics.median(t_plain),
+        "seconds_nanified": statistics.median(t_nan),
+        "speedup": speed["median"], "speedup_range": speed["range"],
+        "verdict": speed_verdict(*speed["range"]),
+        "seconds_plain_channels_last": statistics.median(t_cl),
+        "speedup_channels_last": speed_cl["median"],
+        "speedup_channels_last_range": speed_cl["range"],
     }
 
 
@@ -89,15 +95,18 @@ def run_demo(*, slices: int, nan_threshold: float, tie_eps: float, repeats: int,
     dice = ", ".join(f"{d:.4f}" for d in res["dice_vs_plain"] if not np.isnan(d))
     console.print(f"identical labels vs plain model: [bold]{res['identical_labels']:.4%}[/] "
                   f"(Dice per class: {dice})")
+    lo, hi = res["speedup_range"]
+    words = {"faster": "faster than", "slower": "slower than",
+             "no measurable difference": "no measurable difference from"}[res["verdict"]]
+    lo_cl, hi_cl = res["speedup_channels_last_range"]
     console.print(f"forward time: plain {res['seconds_plain'] * 1e3:.0f} ms, nanified "
-                  f"{res['seconds_nanified'] * 1e3:.0f} ms -> speed-up "
-                  f"[bold]{res['speedup']:.2f}x[/] (batches of {batch_size}, median of {repeats}, "
-                  "interleaved); against "
-                  f"the plain model in channels-last layout "
+                  f"{res['seconds_nanified'] * 1e3:.0f} ms: [bold]{res['speedup']:.2f}x "
+                  f"({lo:.2f}-{hi:.2f}x), {words} the plain model[/] on this machine (batches "
+                  f"of {batch_size}, median and range of {repeats} alternating rounds); against "
+                  "the plain model in channels-last layout "
                   f"({res['seconds_plain_channels_last'] * 1e3:.0f} ms): "
-                  f"{res['speedup_channels_last']:.2f}x")
+                  f"{res['speedup_channels_last']:.2f}x ({lo_cl:.2f}-{hi_cl:.2f}x)")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
+        write_json(out, res)
         console.print(f"results written to {out}")
     return res

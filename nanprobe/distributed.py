@@ -187,9 +187,13 @@ class DaskExecutor:
             fut = self.client.submit(_run_task, task, self.gather, key=key,
                                      retries=self.retries)
             pending[fut] = job
-        for fut in as_completed(list(pending)):
-            job = pending.pop(fut)
-            yield job, self._finish(fut, job)
+        try:
+            for fut in as_completed(list(pending)):
+                job = pending.pop(fut)
+                yield job, self._finish(fut, job)
+        finally:  # stopped early (interrupted, disk full): drop the tasks not yet run
+            if pending:
+                self.client.cancel(list(pending))
 
     def _finish(self, fut, job: dict) -> BaseException | None:
         """Error of a finished task, or None once its file is in place."""

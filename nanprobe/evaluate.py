@@ -58,13 +58,15 @@ def classification_scores(pred: np.ndarray, target: np.ndarray,
 
 
 def mean_foreground_dice(scores: Sequence[float]) -> float:
-    """Mean of per-class Dice scores over the classes except background (class 0)."""
-    return float(np.nanmean(np.asarray(scores[1:], dtype=float)))
+    """Mean of per-class Dice scores over the classes except background (class 0); NaN when
+    no foreground class is present in either segmentation."""
+    values = np.asarray(scores[1:], dtype=float)
+    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 
 
-def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
-                      warmup: bool = True) -> list[float]:
-    """Median seconds of each function over ``repeats`` interleaved rounds.
+def interleaved_rounds(fns: Sequence[Callable[[], Any]], repeats: int,
+                       warmup: bool = True) -> list[list[float]]:
+    """Seconds of each function in each of ``repeats`` interleaved rounds: ``[fn][round]``.
 
     ``warmup`` first calls each function once untimed (skip it when they just ran).
     """
@@ -77,7 +79,52 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
             t0 = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int,
+                      warmup: bool = True) -> list[float]:
+    """Median seconds of each function over ``repeats`` interleaved rounds."""
+    return [statistics.median(t) for t in interleaved_rounds(fns, repeats, warmup)]
+
+
+def ratio_spread(baseline: Sequence[float], candidate: Sequence[float]) -> dict[str, Any]:
+    """Speed-up of ``candidate`` over ``baseline`` from paired rounds (same round, same
+    machine state): ``{"median", "range": [min, max], "ratios"}`` of baseline / candidate."""
+    ratios = [b / c for b, c in zip(baseline, candidate, strict=True)]
+    return {"median": statistics.median(ratios), "range": [min(ratios), max(ratios)],
+            "ratios": ratios}
+
+
+def speed_verdict(low: float, high: float) -> str:
+    """``faster`` when even the lowest measured speed-up is above 1, ``slower`` when even the
+    highest is below 1, else ``no measurable difference``."""
+    if low > 1.0:
+        return "faster"
+    if high < 1.0:
+        return "slower"
+    return "no measurable difference"
+
+
+#: spread beyond which a timing is flagged as unreliable (the range leaves median * (1 +- this))
+NOISY_SPREAD = 0.15
+
+
+def machine_busy(load_before: float, load_after: float, spread: Sequence[float],
+                 median: float) -> str | None:
+    """Why timings taken between two 1-minute load averages with ratio ``spread`` around
+    ``median`` are not to be trusted, or None: load above the number of cores, or a spread
+    wider than +-15 %."""
+    cores = os.cpu_count() or 1
+    load = max(load_before, load_after)
+    reasons = []
+    if load > cores:
+        reasons.append(f"1-minute load average {load:.1f} on {cores} cores")
+    lo, hi = spread
+    if median > 0 and (hi > median * (1 + NOISY_SPREAD) or lo < median * (1 - NOISY_SPREAD)):
+        reasons.append(f"speed-up spread {lo:.2f}-{hi:.2f}x around {median:.2f}x is wider than "
+                       f"+-{NOISY_SPREAD:.0%}")
+    return "; ".join(reasons) or None
 
 
 def split_batches(x: torch.Tensor, batch_size: int, channels_last: bool = False

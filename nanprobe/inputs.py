@@ -44,19 +44,37 @@ def parse_selection(text: str | None, n: int, default: str) -> list[int]:
     try:
         if ":" in text:
             parts = [int(p) if p else None for p in text.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or parts[2:] == [0]:
                 raise ValueError
-            indices = list(range(n))[slice(*parts)]
         else:
             indices = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise ValueError(f"cannot read the selection {text!r}: use START:STOP[:STEP], "
                          "I,J,K or I") from None
+    if ":" in text:
+        start, stop = parts[0], parts[1]
+        if (start is not None and not 0 <= start < n) or (stop is not None and not 0 < stop <= n):
+            raise ValueError(f"selection {text!r} reaches outside the {n} available items: "
+                             f"START must be in [0, {n}) and STOP in (0, {n}]")
+        indices = list(range(n))[slice(*parts)]
     bad = [i for i in indices if not 0 <= i < n]
     if not indices or bad:
         raise ValueError(f"selection {text!r} must pick indices in [0, {n}); "
                          f"{'got none' if not indices else f'out of range: {bad[:5]}'}")
     return indices
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """The array in ``path``; a one-line ValueError naming the file when it cannot be read."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise ValueError(f"{path} holds Python objects, not numbers; save a float array "
+                             "shaped (S, C, H, W) (np.save(path, x.astype(np.float32)))") from None
+        raise ValueError(f"cannot read {path} as an .npy array: {err}") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"cannot read {path} as an .npy array: {err}") from None
 
 
 def _mri_input(img, spec: str, digest: str, loaded: LoadedModel, slices: str | None,
@@ -105,10 +123,16 @@ def prepare_input(spec: str, loaded: LoadedModel, *, slices: str | None = None,
             raise ValueError(f"model {loaded.spec!r} takes images, not an MRI volume ({path})")
         return _mri_input(mri.load_volume(path), str(path), digest, loaded, slices, view)
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = _load_npy(path)
         if arr.ndim != 4 or not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(f"{path} must hold a float array shaped (S, C, H, W), got "
                              f"{arr.dtype} {arr.shape}")
+        finite = np.isfinite(arr)
+        if not finite.all():
+            bad = arr.size - int(np.count_nonzero(finite))
+            raise ValueError(f"{path}: {bad} of {arr.size} values are non-finite (NaN/inf); "
+                             "nanprobe measures finite inputs: fix or mask them (e.g. set them "
+                             "to 0) first")
         if loaded.input_shape is not None and tuple(arr.shape[1:]) != tuple(loaded.input_shape):
             raise ValueError(f"{path} holds samples shaped {arr.shape[1:]}, but model "
                              f"{loaded.spec!r} expects {tuple(loaded.input_shape)}")

@@ -33,22 +33,37 @@ import torch
 from . import __version__
 from .audit import AUDIT_FILE, AUDIT_FORMAT
 from .calibrate import CALIBRATION_FILE, CALIBRATION_FORMAT
+from .evaluate import speed_verdict
+from .integrity import recorded_digest
 from .jsonio import write_json, write_text
 from .plots import _safe, short_name
-from .report_plots import has_labels, plot_layer_skip, plot_slices, plot_sweep
+from .report_plots import (
+    has_labels,
+    plot_layer_skip,
+    plot_noise_reach,
+    plot_output_stability,
+    plot_slices,
+    plot_sweep,
+)
 from .run import Run
 from .sigdigits import FORMAT as SIGDIGITS_FORMAT
 from .sigdigits import OUTPUT as SIGDIGITS_FILE
+from .stability import output_stability, verdict_line
 
 REPORT_FORMAT = "nanprobe-report/1"
 HTML_FILE = "report.html"
 JSON_FILE = "report.json"
 FIGURES_DIR = "report"
 SIGDIGITS_FIGURES = "sigdigits"
-SECTIONS = (("summary", "Summary"), ("sigdigits", "Significant digits"),
-            ("audit", "Pooling audit"), ("sweep", "Threshold sweep"),
-            ("layers", "Skips per layer"), ("slices", "Per slice / sample"),
-            ("speed", "Speed"), ("provenance", "Provenance"))
+SECTIONS = (("summary", "Summary"), ("stability", "Output stability"),
+            ("sigdigits", "Significant digits"), ("audit", "Pooling audit"),
+            ("sweep", "Threshold sweep"), ("layers", "Skips per layer"),
+            ("slices", "Per slice / sample"), ("speed", "Speed"), ("provenance", "Provenance"))
+#: the questions the summary answers, in order
+QUESTIONS = (("stable", "Does the noise change the output?"),
+             ("noise", "Where is the noise?"),
+             ("settings", "What to set?"),
+             ("gain", "What does it buy?"))
 METRIC_NAMES = {"mean_dice": "mean Dice", "accuracy": "accuracy"}
 ITEM_NAMES = {"mean_dice": "mean Dice", "accuracy": "correct (1/0)"}
 #: the command computing each step's output, ``{run}``: the quoted run directory
@@ -70,6 +85,9 @@ tr.recommended{background:#e6f4e6;font-weight:bold}tr.total{font-weight:bold}
 figure{margin:.5rem 0}img{max-width:100%;height:auto}figcaption{font-size:.85rem;color:#555}
 code,pre{background:#f4f4f4;padding:0 .2rem}pre{padding:.5rem;overflow-x:auto}
 nav a{margin-right:.8rem}
+ul.verdicts{font-size:1.05rem}ul.verdicts li{margin:.35rem 0}
+div.figures{display:flex;flex-wrap:wrap;gap:1rem}div.figures figure{flex:1 1 20rem}
+details{margin:.5rem 0}summary{cursor:pointer;font-weight:bold}
 """.strip()
 
 
@@ -77,17 +95,22 @@ class Html(str):
     """Markup built here from escaped parts: not escaped again."""
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.html``, ``report.json`` and ``report/*.png`` into ``run_dir``.
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.html``, ``report.json`` and ``report/*.png`` into ``out`` (default:
+    ``run_dir``; another folder lets a read-only run be reported).
 
-    Returns ``(html_path, json_path)``. ValueError when ``run_dir`` is not a run directory or a
-    step's output has an unexpected format.
+    The steps' results (sigdigits, audit, calibration) are read from ``out``; a result computed
+    from an earlier state of the run (its recorded run digest differs) is left out as stale,
+    with the command that recomputes it. Returns ``(html_path, json_path)``. ValueError when
+    ``run_dir`` is not a run directory or a step's output has an unexpected format.
     """
     run = Run(run_dir)
-    report = collect(run)
-    report["figures"] = write_figures(report, run.path)
-    html_path = write_text(run.path / HTML_FILE, render_html(report, run.path))
-    json_path = write_json(run.path / JSON_FILE, report)
+    out_dir = Path(out) if out is not None else run.path
+    stability = output_stability(run) if run.sample_paths else None
+    report = collect(run, out_dir, stability)
+    report["figures"] = write_figures(report, out_dir, run, stability)
+    html_path = write_text(out_dir / HTML_FILE, render_html(report, out_dir))
+    json_path = write_json(out_dir / JSON_FILE, report)
     return html_path, json_path
 
 
@@ -95,22 +118,70 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 # numbers
 
 
-def collect(run: Run) -> dict[str, Any]:
-    """The report's numbers (``report.json`` without ``figures``)."""
-    sig = read_sigdigits(run.path / SIGDIGITS_FILE, run.path)
-    audit = _read_json(run.path / AUDIT_FILE, AUDIT_FORMAT)
-    cal = _read_json(run.path / CALIBRATION_FILE, CALIBRATION_FORMAT)
+def collect(run: Run, results_dir: str | Path | None = None,
+            stability: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report's numbers (``report.json`` without ``figures``); the steps' results are read
+    from ``results_dir`` (default: the run directory); ``stability``:
+    :func:`~nanprobe.stability.output_stability` of the run (None: no samples)."""
+    results_dir = Path(results_dir) if results_dir is not None else run.path
+    paths = {step: results_dir / name for step, name in
+             (("sigdigits", SIGDIGITS_FILE), ("audit", AUDIT_FILE),
+              ("calibrate", CALIBRATION_FILE))}
+    stale = _stale(run, paths)
+    sig = None if "sigdigits" in stale else read_sigdigits(paths["sigdigits"], results_dir)
+    audit = None if "audit" in stale else _read_json(paths["audit"], AUDIT_FORMAT)
+    cal = None if "calibrate" in stale else _read_calibration(paths["calibrate"])
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "run": str(run.path.resolve()),
+        "run_digest": run.digest,
         "provenance": _provenance(run, sig, audit, cal),
-        "missing": _missing(run, sig, audit, cal),
+        "missing": {**_missing(run, sig, audit, cal), **stale},
+        "output_stability": (None if stability is None else
+                             {k: v for k, v in stability.items() if k != "flip_map"}),
         "sigdigits": sig,
         "audit": _audit_section(audit),
+        "recommendation": _recommendation(cal) if cal is not None else None,
         **_calibration_sections(cal),
     }
     report["summary"] = _summary(report, run, cal)
     return report
+
+
+def _stale(run: Run, paths: Mapping[str, Path]) -> dict[str, str]:
+    """Per step whose result exists but was computed from another state of the run: why."""
+    fields = {"run": shlex.quote(str(run.path)),
+              "model": shlex.quote(str(run.spec.get("model", "default"))),
+              "input": shlex.quote(str(run.spec.get("input", "default")))}
+    stale = {}
+    for step, path in paths.items():
+        if not path.is_file():
+            continue
+        recorded = recorded_digest(path)
+        if step == "calibrate":  # tied to the run through the audit it took its pooling from
+            if recorded is None or recorded == run.digest:
+                continue
+        elif recorded == run.digest:
+            continue
+        stale[step] = (f"stale — {path.name} was computed from an earlier state of this run "
+                       f"(its run digest differs); rerun `{STEP_COMMANDS[step].format(**fields)}`")
+    return stale
+
+
+#: entries a calibration.json must have for the report to read it
+CALIBRATION_KEYS = ("settings", "metric", "tolerance", "plain", "recommended", "pooling")
+
+
+def _read_calibration(path: Path) -> dict[str, Any] | None:
+    cal = _read_json(path, CALIBRATION_FORMAT)
+    if cal is None:
+        return None
+    lacking = [k for k in CALIBRATION_KEYS if k not in cal]
+    if lacking or not isinstance(cal["settings"], list):
+        raise ValueError(f"{path} is not a complete calibration (lacks "
+                         f"{', '.join(lacking) or 'a list of settings'}); rerun `nanprobe "
+                         "calibrate` into that folder")
+    return cal
 
 
 def _read_json(path: Path, fmt: str) -> dict[str, Any] | None:
@@ -181,6 +252,7 @@ def _audit_section(audit: Mapping[str, Any] | None) -> dict[str, Any] | None:
         paths.insert(0, figures["p_unstable_given_ties"])
     calibration = audit.get("calibration", {})
     return {"samples": audit["samples"], "summary": audit["summary"], "layers": layers,
+            "verdict": audit.get("verdict"), "verdict_text": audit.get("verdict_text"),
             "calibrated_pooling": audit.get("calibrated_pooling", {}).get("defaults"),
             "best": calibration.get("best"), "selection": calibration.get("selection"),
             "definition": audit.get("definition"), "figures": paths}
@@ -220,8 +292,11 @@ def _calibration_sections(cal: Mapping[str, Any] | None) -> dict[str, Any]:
              "threads": cal.get("provenance", {}).get("threads"),
              "allocator": cal.get("provenance", {}).get("allocator"),
              "batch_size": cal.get("provenance", {}).get("batch_size"),
+             "timing": cal.get("timing"),
              "settings": [{**{k: s[k] for k in ("nan_threshold", "fill", "seconds", "speedup")},
-                           "speedup_channels_last": s.get("speedup_channels_last")}
+                           **{k: s.get(k) for k in ("speedup_range", "seconds_plain",
+                                                    "speedup_channels_last",
+                                                    "speedup_channels_last_range")}}
                           for s in settings]}
     i = focus_index(cal)
     if i is None:
@@ -236,9 +311,12 @@ def _calibration_sections(cal: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _summary(report: Mapping[str, Any], run: Run, cal: Mapping[str, Any] | None) -> dict:
     sig, audit = report["sigdigits"], report["audit"]
+    answers = {"stable": _stable_answer(report), "noise": _noise_answer(report),
+               "settings": _settings_answer(report), "gain": _gain_answer(report)}
     return {
+        "answers": answers,
+        "lines": [f"{question} {answers[key]}" for key, question in QUESTIONS],
         "calibrated": cal is not None,
-        "recommendation": _recommendation(cal) if cal is not None else None,
         "within_tolerance": None if cal is None else cal.get("recommended") is not None,
         "unstable_pooling": None if audit is None else {
             name: e["unstable_fraction"] for name, e in audit["layers"].items()},
@@ -249,7 +327,99 @@ def _summary(report: Mapping[str, Any], run: Run, cal: Mapping[str, Any] | None)
                                            "nan_fraction")} for r in sig["layers"]},
         "noise_fraction": None if sig is None else sig["noise_fraction"],
         "mismatch": _mismatch(run, cal),
+        "busy": ((cal or {}).get("timing") or {}).get("busy"),
     }
+
+
+def _stable_answer(report: Mapping[str, Any]) -> str:
+    stability = report["output_stability"]
+    if stability is None:
+        return "not measured: the run has no samples yet."
+    return verdict_line(stability) + "."
+
+
+def _noise_answer(report: Mapping[str, Any]) -> str:
+    """Where the noise is, inside the network and at its output, in one sentence."""
+    sig, audit, stability = report["sigdigits"], report["audit"], report["output_stability"]
+    parts = []
+    if audit is not None and audit["layers"]:
+        name, e = max(audit["layers"].items(), key=lambda kv: kv[1]["unstable_fraction"])
+        parts.append(f"{_pct(audit['summary'].get('unstable_fraction'))} of the max-pool "
+                     f"windows flip their argmax across {audit['samples']} samples (most in "
+                     f"{name}: {_pct(e['unstable_fraction'])})")
+    if sig is not None and sig["layers"]:
+        low = min(sig["layers"], key=lambda r: r["mean_bits"])
+        parts.append(f"{_pct(sig['noise_fraction'])} of the captured values keep at most 1 "
+                     f"significant bit (lowest mean: {low['layer']}, {low['mean_bits']:.1f} "
+                     "bits)")
+    if not parts:
+        return "not measured: run `nanprobe sigdigits` and `nanprobe audit`."
+    text = "inside the network, " + "; ".join(parts)
+    if stability is not None:
+        what = "labels" if stability["task"] == "segmentation" else "predictions"
+        worst = stability["max_label_flip_fraction"]
+        text += (f"; at the output, {_pct(worst)} of the {what} flip at most" if worst
+                 else f"; at the output, no {what} flip")
+    if audit is not None and audit.get("verdict_text"):
+        text += f". {audit['verdict_text']}"
+    return text.rstrip(".") + "."
+
+
+def _settings_answer(report: Mapping[str, Any]) -> str:
+    r = report["recommendation"]
+    if report["sweep"] is None:
+        return "not calibrated: " + report["missing"]["calibrate"].replace("`", "") + "."
+    if r is None:
+        sw = report["sweep"]
+        return (f"nothing: every setting loses more than {sw['tolerance']:g} of "
+                f"{_metric_name(sw['metric'])} against {_against(sw.get('loss_against'))}.")
+    why = ("the most conv MACs skipped" if r["objective"] == "skip"
+           else "the fastest measured setting")
+    saved = f" ({r['thresholds_file']})" if r["thresholds_file"] else ""
+    return (f"{_options(r['thresholds'])}{saved}: {why} while the loss of "
+            f"{_metric_name(r['metric'])} against {_against(r['loss_against'])} stays "
+            f"{_num(r['loss'])} <= {r['tolerance']:g}.")
+
+
+def _gain_answer(report: Mapping[str, Any]) -> str:
+    r = report["recommendation"]
+    if r is None:
+        return "nothing measured (no recommended setting)."
+    text = (f"skips {_pct(r['skip']['macs'])} of the conv MACs; {_speed_words(r)} "
+            f"({_timing_context(report)})")
+    if r.get("speedup_channels_last_range"):
+        text += (f"; {_ratio_text(r, 'speedup_channels_last')} against the plain model "
+                 "converted to channels-last layout")
+    busy = report["summary"]["busy"] if "summary" in report else r.get("busy")
+    if busy:
+        text += f". Warning: the machine was busy while timing ({busy})"
+    return text + "."
+
+
+def _ratio_text(r: Mapping[str, Any], key: str = "speedup") -> str:
+    lo, hi = r[f"{key}_range"]
+    return f"{r[key]:.2f}x ({lo:.2f}-{hi:.2f}x)"
+
+
+def _speed_words(r: Mapping[str, Any]) -> str:
+    """``0.70x (0.68-0.73x) — slower than the plain model on this machine``."""
+    words = {"faster": "faster than the plain model",
+             "slower": "slower than the plain model",
+             "no measurable difference": "no measurable difference from the plain model"}
+    return f"{_ratio_text(r)} — {words[r['verdict']]} on this machine"
+
+
+def _timing_context(report: Mapping[str, Any]) -> str:
+    sp = report["speed"] or {}
+    parts = []
+    if sp.get("batch_size"):
+        parts.append(f"batches of {sp['batch_size']}")
+    if sp.get("threads"):
+        parts.append(f"{sp['threads']} threads")
+    timing = sp.get("timing") or {}
+    if timing.get("repeats"):
+        parts.append(f"median and range of {timing['repeats']} alternating rounds")
+    return ", ".join(parts) or "calibration inputs"
 
 
 def _recommendation(cal: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -258,17 +428,22 @@ def _recommendation(cal: Mapping[str, Any]) -> dict[str, Any] | None:
     if rec is None:
         return None
     s = cal["settings"][rec]
+    spread = s.get("speedup_range") or [s["speedup"], s["speedup"]]
     return {"index": rec,
             "thresholds": {**cal["pooling"], "nan_threshold": s["nan_threshold"],
                            "fill": s["fill"]},
             "thresholds_file": cal.get("thresholds_file"),
-            "skip": s["skip"], "speedup": s["speedup"],
+            "objective": cal.get("objective", "skip"),
+            "skip": s["skip"], "speedup": s["speedup"], "speedup_range": spread,
+            "verdict": speed_verdict(*spread),
             "speedup_channels_last": s.get("speedup_channels_last"),
-            "seconds_plain": cal["plain"]["seconds"],
+            "speedup_channels_last_range": s.get("speedup_channels_last_range"),
+            "seconds_plain": s.get("seconds_plain", cal["plain"]["seconds"]),
             "seconds_nanified": s["seconds"], "metric": cal["metric"],
             "agreement": s["agreement"], "loss": s["loss"], "tolerance": cal["tolerance"],
             "loss_against": cal.get("loss_against", "plain"),
-            "vs_labels": s.get("vs_labels"), "plain_vs_labels": cal["plain"].get("vs_labels")}
+            "vs_labels": s.get("vs_labels"), "plain_vs_labels": cal["plain"].get("vs_labels"),
+            "busy": (cal.get("timing") or {}).get("busy")}
 
 
 def _mismatch(run: Run, cal: Mapping[str, Any] | None) -> list[str]:
@@ -349,18 +524,38 @@ def commands(run: Run, sig: Mapping[str, Any] | None,
 # figures
 
 
-def write_figures(report: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
-    """Draw the report's own figures into ``run_dir/report``; paths relative to ``run_dir``."""
+def write_figures(report: Mapping[str, Any], run_dir: Path, run: Run | None = None,
+                  stability: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Draw the report's own figures into ``run_dir/report``; paths relative to ``run_dir``.
+
+    ``stability`` (with its ``flip_map``) and ``run`` (the reference labels) give the output
+    stability figure.
+    """
+    folder = run_dir / FIGURES_DIR
+    paths: dict[str, Path] = {}
+    if stability is not None and run is not None:
+        paths["stability"] = _stability_figure(stability, run, folder / "output_stability.png")
+    sig = report["sigdigits"]
+    if sig is not None:
+        rows = [r for r in sig["layers"] if r["key"].endswith("/output") or r["key"] == "final"]
+        audit = report["audit"]
+        pooling = (None if audit is None else
+                   {name: e["unstable_fraction"] for name, e in audit["layers"].items()})
+        out = report["output_stability"]
+        if rows:
+            paths["noise_reach"] = plot_noise_reach(
+                rows, folder / "noise_reach.png", pooling=pooling,
+                output_flips=None if out is None else out["max_label_flip_fraction"],
+                max_bits=max(int(r["display_max_bits"]) for r in rows))
     sweep, layers, slices = report["sweep"], report["layers"], report["slices"]
     if sweep is None or not sweep["settings"]:
-        return {}
-    folder = run_dir / FIGURES_DIR
+        return {k: _rel(p, run_dir) for k, p in paths.items()}
     metric = str(sweep["metric"])
-    paths = {"sweep": plot_sweep(sweep["settings"], folder / "sweep.png",
-                                 recommended=sweep["recommended"],
-                                 tolerance=float(sweep["tolerance"]),
-                                 metric=_metric_name(metric),
-                                 against=sweep.get("loss_against") or "plain")}
+    paths["sweep"] = plot_sweep(sweep["settings"], folder / "sweep.png",
+                                recommended=sweep["recommended"],
+                                tolerance=float(sweep["tolerance"]),
+                                metric=_metric_name(metric),
+                                against=sweep.get("loss_against") or "plain")
     rows = [r for r in layers["rows"] if r["layer"] != "all convs"]
     if rows:
         paths["layers"] = plot_layer_skip(rows, folder / "layer_skip.png",
@@ -370,6 +565,24 @@ def write_figures(report: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
                                       title=f"Per slice / sample, {_setting_name(slices)}",
                                       quality_label=ITEM_NAMES.get(metric, metric))
     return {k: _rel(p, run_dir) for k, p in paths.items()}
+
+
+def _stability_figure(stability: Mapping[str, Any], run: Run, path: Path) -> Path:
+    """The item whose labels flip most (segmentation), or the per-class flips."""
+    n = stability["samples"]
+    if stability["task"] == "segmentation":
+        fmap = stability["flip_map"]
+        item = int(fmap.reshape(fmap.shape[0], -1).sum(1).argmax())
+        reference = np.nan_to_num(run.reference("final", item), nan=-np.inf).argmax(0)
+        index = run.manifest.get("input", {}).get("selection", [item])[item]
+        return plot_output_stability(reference, fmap[item], path, samples=n,
+                                     class_names=stability["class_names"],
+                                     title=f"Reference labels of input {index}, pixels "
+                                           "whose label flips in red")
+    return plot_output_stability(None, None, path, samples=n,
+                                 class_names=stability["class_names"],
+                                 per_class_flips=stability["per_class_flip_fraction"],
+                                 title=f"Predictions that flip per class, {n} samples")
 
 
 def _setting_name(focus: Mapping[str, Any]) -> str:
@@ -384,7 +597,8 @@ def _setting_name(focus: Mapping[str, Any]) -> str:
 def render_html(report: Mapping[str, Any], run_dir: Path) -> str:
     """The report page: every section in :data:`SECTIONS` order, images embedded."""
     model = report["provenance"]["run"]["spec"].get("model", "")
-    bodies = {"summary": _summary_html, "sigdigits": _sigdigits_html, "audit": _audit_html,
+    bodies = {"summary": _summary_html, "stability": _stability_html,
+              "sigdigits": _sigdigits_html, "audit": _audit_html,
               "sweep": _sweep_html, "layers": _layers_html, "slices": _slices_html,
               "speed": _speed_html, "provenance": _provenance_html}
     nav = " ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
@@ -480,21 +694,55 @@ def _metric_name(metric: str) -> str:
     return METRIC_NAMES.get(metric, metric)
 
 
+#: captions of the summary's pictures, in words
+CAPTIONS = {
+    "stability": "Where the output changes: the reference segmentation, with the pixels whose "
+                 "label differs in some MCA sample in red (or, for a classifier, the share of "
+                 "each class's predictions that flip).",
+    "noise_reach": "How far the noise reaches: significant bits per layer in network order, "
+                   "the share of values that are pure noise, the max-pool windows that flip, "
+                   "and the output labels that flip.",
+    "sweep": "The threshold sweep: conv work skipped against the agreement lost, one point per "
+             "setting (labels: nan_threshold); the ringed point is the recommendation.",
+    "layers": "Share of each conv layer's output positions and MACs that the setting skips.",
+    "slices": "Skips and quality per input slice or sample.",
+}
+
+
 def _summary_html(report: Mapping[str, Any], run_dir: Path) -> str:
     s = report["summary"]
     parts = [_p("Warning: ", m, ".", cls="warn") for m in s["mismatch"]]
-    if not s["calibrated"]:
-        parts.append(_missing_html(report, "calibrate"))
-    elif s["recommendation"] is None:
-        sweep = report["sweep"]
-        parts.append(_p(f"No setting within tolerance: every setting loses more than "
-                        f"{sweep['tolerance']:g} of {_metric_name(sweep['metric'])} against "
-                        f"{_against(sweep.get('loss_against'))}, so nothing is recommended "
-                        "(see the sweep).", cls="warn"))
-    else:
-        parts.append(_recommendation_html(s["recommendation"]))
-    parts.append("<h3>At a glance</h3>")
-    parts.append(_ul(_glance(report)))
+    if s["busy"]:
+        parts.append(_p("Warning: the machine was busy while timing (", s["busy"], "); the "
+                        "speed figures are unreliable — rerun the calibration on a quiet "
+                        "machine.", cls="warn"))
+    items = "\n".join(f"<li><strong>{_e(question)}</strong> {_e(s['answers'][key])}</li>"
+                      for key, question in QUESTIONS)
+    parts.append(f'<ul class="verdicts">\n{items}\n</ul>')
+    figures = [_img(run_dir, report["figures"][key], CAPTIONS[key])
+               for key in ("stability", "noise_reach", "sweep") if key in report["figures"]]
+    if figures:
+        parts.append('<div class="figures">\n' + "\n".join(figures) + "\n</div>")
+    if report["recommendation"] is not None:
+        parts.append(_recommendation_html(report["recommendation"]))
+    return "\n".join(parts)
+
+
+def _stability_html(report: Mapping[str, Any], run_dir: Path) -> str:
+    st = report["output_stability"]
+    if st is None:
+        return _p("The run has no samples yet.", cls="missing")
+    what = "labels" if st["task"] == "segmentation" else "predictions"
+    parts = [_p(verdict_line(st), f". Each of the {st['samples']} MCA samples' final {what} "
+                "(argmax over the classes) against the unperturbed reference's.")]
+    rows = [[i, _pct(f)] for i, f in enumerate(st["label_flip_fraction"])]
+    parts.append(_table(["sample", f"{what} that differ"], rows))
+    if st.get("per_class_dice_min"):
+        parts.append(_table(["class", "lowest Dice against the reference's labels"],
+                            [[n, _num(v)] for n, v in st["per_class_dice_min"].items()]))
+    if st.get("per_class_flip_fraction"):
+        parts.append(_table(["class", "predictions that flip"],
+                            [[n, _pct(v)] for n, v in st["per_class_flip_fraction"].items()]))
     return "\n".join(parts)
 
 
@@ -516,41 +764,29 @@ def _recommendation_html(r: Mapping[str, Any]) -> str:
     items = [
         _cat("Skips ", _pct(r["skip"]["positions"]), " of the conv output positions (",
              _pct(r["skip"]["macs"]), " of the conv MACs)."),
-        _cat(f"Measured speed-up {r['speedup']:.2f}× (plain ", _ms(r["seconds_plain"]),
-             ", nanified ", _ms(r["seconds_nanified"]), ", interleaved medians)",
-             _layout_note(r.get("speedup_channels_last")), "."),
+        _cat("Speed against the plain model as given: ", _speed_words(r), " (plain ",
+             _ms(r["seconds_plain"]), ", nanified ", _ms(r["seconds_nanified"]), ", medians)."),
         _cat(f"Agreement with the plain model: {metric} ", _num(r["agreement"][key]), "."),
         _cat(f"Loss of {metric} against {_against(r['loss_against'])}: ", _num(r["loss"]),
              f" ≤ tolerance {r['tolerance']:g}."),
     ]
+    if r.get("speedup_channels_last_range"):
+        items.insert(2, _cat("Against the plain model converted to channels-last layout (the "
+                             "layout the NaN convolutions compute in, so what the skipping "
+                             "alone gains): ", _ratio_text(r, "speedup_channels_last"), "."))
     if r["vs_labels"] is not None and r["plain_vs_labels"] is not None:
         items.append(_cat(f"Against the ground-truth labels: {metric} plain ",
                           _num(r["plain_vs_labels"][key]), ", nanified ",
                           _num(r["vs_labels"][key]), "."))
     saved = (_cat(" (written to ", _code(r["thresholds_file"]), ")")
              if r["thresholds_file"] else "")
-    return ('<div class="recommendation">\n<h3>Recommendation</h3>\n'
-            f"{_p('Use ', _code(_options(r['thresholds'])), saved, '.')}\n{_ul(items)}\n</div>")
-
-
-def _glance(report: Mapping[str, Any]) -> list[Any]:
-    """One line per computed analysis: pooling instability and significant bits."""
-    s, lines = report["summary"], []
-    if report["audit"] is None:
-        lines.append(_cat("Pooling audit: ", _missing_note(report, "audit"), "."))
-    elif s["unstable_pooling"]:
-        name, frac = max(s["unstable_pooling"].items(), key=lambda kv: kv[1])
-        lines.append(_cat("Pooling: ", _pct(s["unstable_pooling_overall"]), " of the max-pool "
-                          f"windows are unstable over {report['audit']['samples']} samples "
-                          "(most: ", _code(name), ", ", _pct(frac), ")."))
-    if report["sigdigits"] is None:
-        lines.append(_cat("Significant digits: ", _missing_note(report, "sigdigits"), "."))
-    elif s["sigdigits"]:
-        name, row = min(s["sigdigits"].items(), key=lambda kv: kv[1]["mean_bits"])
-        lines.append(_cat("Significant bits: ", _pct(s["noise_fraction"]), " of all captured "
-                          "values are noise (≤ 1 bit); lowest mean in ", _code(name),
-                          f" ({row['mean_bits']:.1f} bits)."))
-    return lines
+    objective = ("skips the most conv MACs" if r["objective"] == "skip"
+                 else "runs fastest")
+    use = _p("Use ", _code(_options(r["thresholds"])), saved,
+             f": of the settings within tolerance, it {objective} (objective ",
+             _code(r["objective"]), ").")
+    return (f'<div class="recommendation">\n<h3>Recommendation</h3>\n{use}\n{_ul(items)}\n'
+            "</div>")
 
 
 def _sigdigits_html(report: Mapping[str, Any], run_dir: Path) -> str:
@@ -565,17 +801,33 @@ def _sigdigits_html(report: Mapping[str, Any], run_dir: Path) -> str:
     rows = [[_code(r["layer"]), r["dtype"], "×".join(map(str, r["shape"])),
              f"{r['mean_bits']:.2f}", _pct(r["noise_fraction"]), _pct(r["exact_fraction"]),
              _pct(r["nan_fraction"])] for r in sig["layers"]]
-    parts.append(_table(["layer", "dtype", "shape", "mean bits", "noise (≤ 1 bit)",
-                         "exact", "NaN"], rows))
+    parts.append(_details(f"Per layer, in network order ({len(rows)} rows)", _table(
+        ["layer", "dtype", "shape", "mean bits", "noise (≤ 1 bit)", "exact", "NaN"], rows)))
     figs = sig["figures"]
-    parts += [_img(run_dir, rel, Path(rel).name) for rel in figs["overview"]]
+    parts += [_img(run_dir, rel, _sigdigits_caption(rel)) for rel in figs["overview"]]
     if figs["layers"]:
-        inner = "\n".join(_img(run_dir, rel, Path(rel).name) for rel in figs["layers"])
-        parts.append(f"<details>\n<summary>Per-layer maps ({len(figs['layers'])})</summary>\n"
-                     f"{inner}\n</details>")
+        inner = "\n".join(_img(run_dir, rel, _sigdigits_caption(rel)) for rel in figs["layers"])
+        parts.append(_details(f"Per-layer maps ({len(figs['layers'])})", inner))
     if not figs["overview"] and not figs["layers"]:
         parts.append(_p("No figures in ", _code(SIGDIGITS_FIGURES + "/"), ".", cls="missing"))
     return "\n".join(parts)
+
+
+def _details(summary: str, body: str) -> str:
+    """A collapsed block (long tables, many figures): ``summary`` shown, ``body`` on click."""
+    return f"<details>\n<summary>{_e(summary)}</summary>\n{body}\n</details>"
+
+
+def _sigdigits_caption(rel: str) -> str:
+    """A caption in words for a figure of ``nanprobe sigdigits``."""
+    name = Path(rel).stem
+    if name == "distribution":
+        return "Share of each layer's values by number of significant bits, in network order."
+    if name.startswith("grid_"):
+        return ("Significant bits of every layer's output on one input slice (one panel per "
+                "layer, network order; darker: fewer bits survive the noise).")
+    return (f"Significant bits of {name.split('_slice')[0].replace('__', '/')} on one input "
+            "slice, channels aggregated.")
 
 
 def _geometry(g: Mapping[str, Any]) -> str:
@@ -590,6 +842,8 @@ def _audit_html(report: Mapping[str, Any], run_dir: Path) -> str:
     if a is None:
         return _missing_html(report, "audit")
     parts = [_p("Definition: ", a["definition"] or "n/a", f" ({a['samples']} samples).")]
+    if a.get("verdict_text"):
+        parts.insert(0, _p(a["verdict_text"], cls="recommendation"))
     rows = []
     for name, e in a["layers"].items():
         cal = e.get("calibrated") or {}
@@ -600,15 +854,29 @@ def _audit_html(report: Mapping[str, Any], run_dir: Path) -> str:
                          "flag precision", "flag recall", "flag F1"], rows))
     best = a["best"]
     if best is not None:
-        parts.append(_p("Calibrated pooling: ", _code(
+        parts.append(_p("Best-scoring tie setting: ", _code(
             f"tie_limit={best['tie_limit']}, tie_eps={best['tie_eps']:g}, "
             f"tie_rtol={best['tie_rtol']:g}"),
             f" — precision {_num(best['precision'], 3)}, recall {_num(best['recall'], 3)}, "
             f"F1 {_num(best['f1'], 3)} over all pooling layers ({a['selection']})."))
+    if a["calibrated_pooling"] is not None:
+        parts.append(_p("Pooling setting passed on to the calibration: ",
+                        _code(_options(a["calibrated_pooling"])),
+                        " (tie_limit=None: no NaN pooling)."
+                        if a["calibrated_pooling"].get("tie_limit") is None else "."))
     else:
         parts.append(_p("No pooling setting was calibrated.", cls="missing"))
-    parts += [_img(run_dir, rel, Path(rel).name) for rel in a["figures"]]
+    parts += [_img(run_dir, rel, _audit_caption(rel)) for rel in a["figures"]]
     return "\n".join(parts)
+
+
+def _audit_caption(rel: str) -> str:
+    name = Path(rel).stem
+    if name == "p_unstable_given_ties":
+        return ("How often a pooling window flips, by how many of its entries tie with the "
+                "maximum (per tie tolerance).")
+    return (f"Where the pooling windows of {name.removeprefix('unstable-')} flip, on the input "
+            "slice with the most flips.")
 
 
 def _sweep_html(report: Mapping[str, Any], run_dir: Path) -> str:
@@ -617,9 +885,11 @@ def _sweep_html(report: Mapping[str, Any], run_dir: Path) -> str:
         return _missing_html(report, "calibrate")
     metric, rec = sw["metric"], sw["recommended"]
     labels = any(s.get("vs_labels") for s in sw["settings"])
-    headers = ["#", "nan_threshold", "fill", f"{_metric_name(metric)} vs plain", "loss",
-               "within tolerance", "positions skipped", "MACs skipped",
-               *([f"{_metric_name(metric)} vs labels"] if labels else []), "speed-up"]
+    against = "labels" if sw.get("loss_against") == "labels" else "plain"
+    headers = ["#", "nan_threshold", "fill", f"{_metric_name(metric)} vs plain",
+               f"loss vs {against}", "within tolerance", "positions skipped", "MACs skipped",
+               *([f"{_metric_name(metric)} vs labels"] if labels else []),
+               "speed-up vs plain (range)"]
     rows = []
     for i, s in enumerate(sw["settings"]):
         row = [f"{i} (recommended)" if i == rec else i, f"{s['nan_threshold']:g}", s["fill"],
@@ -628,11 +898,17 @@ def _sweep_html(report: Mapping[str, Any], run_dir: Path) -> str:
                _pct(s["skip"]["macs"])]
         if labels:
             row.append(_num((s.get("vs_labels") or {}).get(metric)))
-        rows.append([*row, f"{s['speedup']:.2f}×"])
+        rows.append([*row, _speed_cell(s)])
     plain = (sw["plain"] or {}).get("vs_labels")
     pool = _options(sw["pooling"] or {})
-    parts = [_p(f"Task {sw['task']}; metric {_metric_name(metric)} of the nanified model "
-                f"against the plain one, tolerance {sw['tolerance']:g} of loss; pooling ",
+    if against == "labels":
+        loss = (f"the loss is the drop of {_metric_name(metric)} against the ground-truth "
+                "labels (plain minus nanified; negative: the nanified model matches the labels "
+                "better)")
+    else:
+        loss = (f"the loss is 1 minus the {_metric_name(metric)} of the nanified model against "
+                "the plain model's labels (no ground truth used)")
+    parts = [_p(f"Task {sw['task']}; {loss}; tolerance {sw['tolerance']:g}; pooling ",
                 _code(pool), "."),
              _table(headers, rows, ["recommended" if i == rec else None
                                     for i in range(len(rows))])]
@@ -642,8 +918,8 @@ def _sweep_html(report: Mapping[str, Any], run_dir: Path) -> str:
     if sw["class_names"]:
         parts.append(_p("Classes: ", ", ".join(map(str, sw["class_names"])), "."))
     if "sweep" in report["figures"]:
-        parts.append(_img(run_dir, report["figures"]["sweep"],
-                          "Skipped MACs vs agreement loss per setting"))
+        parts.append(_p("The sweep's figure (work skipped against agreement lost) is in the ",
+                        Html('<a href="#summary">summary</a>'), "."))
     return "\n".join(parts)
 
 
@@ -660,8 +936,9 @@ def _layers_html(report: Mapping[str, Any], run_dir: Path) -> str:
              _pct(r["macs_skipped"])] for r in lay["rows"]]
     classes = ["total" if r["layer"] == "all convs" else None for r in lay["rows"]]
     parts = [_focus_html(lay),
-             _table(["layer", "output positions", "positions skipped", "MACs skipped"], rows,
-                    classes)]
+             _details(f"Per conv layer, in network order ({len(rows) - 1} layers)",
+                      _table(["layer", "output positions", "positions skipped", "MACs skipped"],
+                             rows, classes))]
     if "layers" in report["figures"]:
         parts.append(_img(run_dir, report["figures"]["layers"], "Skips per conv layer"))
     return "\n".join(parts)
@@ -685,16 +962,16 @@ def _slices_html(report: Mapping[str, Any], run_dir: Path) -> str:
     parts = [_focus_html(sl)]
     if "slices" in report["figures"]:
         parts.append(_img(run_dir, report["figures"]["slices"], "Skips and quality per item"))
-    parts.append(_table(headers, rows))
+    parts.append(_details(f"Per item ({len(rows)})", _table(headers, rows)))
     return "\n".join(parts)
 
 
-def _layout_note(speedup_cl: float | None) -> str:
-    """How the nanified model compares with the plain one in channels-last layout, if known."""
-    if speedup_cl is None:
-        return ""
-    return (f"; {speedup_cl:.2f}× against the plain model in channels-last layout, the layout "
-            "the NaN convolutions compute in (what the skipping alone gains)")
+def _speed_cell(s: Mapping[str, Any], key: str = "speedup") -> str:
+    """``0.94× (0.90–0.97×)``; older calibrations without a range: the median alone."""
+    if s.get(key) is None:
+        return "–"
+    spread = s.get(f"{key}_range")
+    return f"{s[key]:.2f}×" + (f" ({spread[0]:.2f}–{spread[1]:.2f}×)" if spread else "")
 
 
 def _speed_html(report: Mapping[str, Any], run_dir: Path) -> str:
@@ -702,30 +979,33 @@ def _speed_html(report: Mapping[str, Any], run_dir: Path) -> str:
     if sp is None:
         return _missing_html(report, "calibrate")
     rec = report["sweep"]["recommended"]
-    cl = sp.get("plain_seconds_channels_last")
-
-    def ratio(v: float | None) -> str:
-        return "–" if v is None else f"{v:.2f}×"
-
     rows = [[f"{i} (recommended)" if i == rec else i, f"{s['nan_threshold']:g}", s["fill"],
-             _ms(sp["plain_seconds"]), _ms(s["seconds"]), f"{s['speedup']:.2f}×",
-             ratio(s.get("speedup_channels_last"))]
+             _ms(s.get("seconds_plain") or sp["plain_seconds"]), _ms(s["seconds"]),
+             _speed_cell(s), _speed_cell(s, "speedup_channels_last")]
             for i, s in enumerate(sp["settings"])]
-    how = f" with {sp['threads']} threads" if sp["threads"] else ""
-    if sp.get("batch_size"):  # the plain model's time per item depends on it (page faults)
-        how = f", {sp['batch_size']} per forward call{how}"
-    if sp.get("allocator"):
-        how += f"; {sp['allocator']}"
-    plain_cl = ("" if cl is None else
-                _cat(" The plain model converted to channels-last layout (the layout the NaN "
-                     "convolutions compute in) took ", _ms(cl), "; the last column compares "
-                     "with it, i.e. what the skipping alone gains."))
-    return "\n".join([
-        _p(_cat(f"Wall-clock of one forward pass over the calibration inputs{how}: medians "
-                "of interleaved repetitions (speed-up = plain / nanified).", plain_cl)),
-        _table(["#", "nan_threshold", "fill", "plain", "nanified", "speed-up",
-                "vs plain channels-last"], rows,
-               ["recommended" if i == rec else None for i in range(len(rows))])])
+    timing = sp.get("timing") or {}
+    how = [f"{sp['batch_size']} items per forward call" if sp.get("batch_size") else None,
+           f"{sp['threads']} threads" if sp.get("threads") else None, sp.get("allocator")]
+    text = [_p("Wall-clock of one forward pass over the calibration inputs (",
+               "; ".join(h for h in how if h), "). ",
+               f"Each setting is timed in {timing.get('repeats', 'several')} rounds alternating "
+               "with the plain model as given, so both see the same machine state; the "
+               "speed-up is plain / nanified, its median and, in brackets, its range over the "
+               "rounds. Faster only when the whole range is above 1×, slower when it is below. "
+               "The last column times the recommended setting against the plain model "
+               "converted to channels-last layout, the layout the NaN convolutions compute "
+               "in: what the skipping alone gains.")]
+    loads = timing.get("load_average_1min")
+    if loads:
+        text.append(_p(f"1-minute load average while timing: {loads[0]:.1f} → {loads[1]:.1f} "
+                       f"on {timing.get('cores')} cores."))
+    if timing.get("busy"):
+        text.append(_p("Warning: the machine was busy while timing (", timing["busy"], "); "
+                       "these figures are unreliable.", cls="warn"))
+    return "\n".join([*text, _table(
+        ["#", "nan_threshold", "fill", "plain", "nanified", "speed-up vs plain (range)",
+         "vs plain channels-last (range)"], rows,
+        ["recommended" if i == rec else None for i in range(len(rows))])])
 
 
 def _kv_table(data: Mapping[str, Any]) -> str:
@@ -750,9 +1030,13 @@ def _provenance_html(report: Mapping[str, Any], run_dir: Path) -> str:
            "backend": spec.get("backend"), "samples": spec.get("samples"),
            "seed": spec.get("seed"), "nanprobe (run)": manifest.get("nanprobe_version"),
            "torch (run)": manifest.get("torch_version"), "run created": manifest.get("created")}
+    commands = list(prov["commands"])
+    cal = prov["calibration"] or {}
+    if cal.get("command"):
+        commands.append(cal["command"])
     parts = ["<h3>Run</h3>", _kv_table(key),
              "<h3>Command lines</h3>",
-             "<pre>" + "\n".join(_e(c) for c in prov["commands"]) + "</pre>"]
+             "<pre>" + "\n".join(_e(c) for c in commands) + "</pre>"]
     for title, step, data in (("Significant digits", "sigdigits", prov["sigdigits"]),
                               ("Pooling audit", "audit", prov["audit"]),
                               ("Calibration", "calibrate", prov["calibration"])):

@@ -302,6 +302,7 @@ def compute_sigdigits(
                     "significantdigits_version": version("significantdigits"),
                     "spec": json.dumps(run.spec, sort_keys=True),
                     "run_manifest": json.dumps(run.manifest, sort_keys=True),
+                    "run_digest": run.digest,
                     "created": datetime.now(timezone.utc).isoformat(),
                 })
                 if method == "general":  # the probability is set by n and the confidence

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+from .jsonio import write_text
 
 __all__ = [
     "CONTAINER_VALGRIND",
@@ -362,9 +365,7 @@ def render_exclude(dest: str | os.PathLike[str], template: str | os.PathLike[str
     dest.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Verrou exclusion rules rendered by nanprobe from {src}\n"
               f"# for {real_python()}: FNNAME<TAB>OBJNAME, '*' matches anything\n")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_text(header + "".join(r + "\n" for r in rules))
-    os.replace(tmp, dest)
+    write_text(dest, header + "".join(r + "\n" for r in rules))  # atomic, unique temporary
     return dest
 
 
@@ -378,7 +379,7 @@ def default_exclude_file(dest: str | os.PathLike[str] | None = None) -> Path:
         return render_exclude(dest)
     cache = Path(tempfile.gettempdir()) / f"nanprobe-{os.getuid()}"
     cache.mkdir(mode=0o700, exist_ok=True)
-    staged = render_exclude(cache / f".exclude-{os.getpid()}.txt")
+    staged = render_exclude(cache / f".exclude-{os.getpid()}-{threading.get_ident()}.txt")
     digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:16]
     final = cache / f"verrou-exclude-{digest}.txt"
     os.replace(staged, final)
@@ -504,21 +505,24 @@ def worker_invocation(
     exclude: str | os.PathLike[str] | None | bool = True,
     extra: Sequence[str] = (),
     base_env: Mapping[str, str] | None = None,
+    tool: str = "verrou",
 ) -> Invocation:
     """Everything to run ``nanprobe.worker JOB`` under Verrou (the reference: ``nearest``).
 
     ``exclude=True`` renders the default exclusions (next to the job file), ``False``/None
-    excludes nothing, a path uses that rendered file. Perturbation is limited to the
-    forward pass when Verrou's Python binding is installed, else it covers the process.
+    excludes nothing, a path uses that rendered file (render it once when several workers
+    start at once). Perturbation is limited to the forward pass when Verrou's Python binding
+    is installed, else it covers the process. ``tool="none"``: the same worker under
+    ``valgrind --tool=none`` (no perturbation; checks the set-up).
     """
-    info = require_verrou(valgrind)
+    info = require_verrou(valgrind) if tool == "verrou" else valgrind_info(valgrind)
     pybinding = find_pybinding(valgrind)
     if exclude is True:
         exclude = default_exclude_file(Path(job_path).with_name("verrou_exclude.txt"))
     elif exclude is False:
         exclude = None
-    cmd = build_command(valgrind, rounding_mode=rounding_mode, seed=seed, exclude=exclude,
-                        extra=extra, args=(str(job_path),))
+    cmd = build_command(valgrind, tool=tool, rounding_mode=rounding_mode, seed=seed,
+                        exclude=exclude, extra=extra, args=(str(job_path),))
     env = worker_env(base_env, pybinding_dir=pybinding)
     rec = provenance(info, cmd, rounding_mode=rounding_mode, seed=seed, exclude=exclude)
     return Invocation(cmd=cmd, env=env, provenance=rec)
@@ -591,6 +595,26 @@ def _tail(path: Path, start: int, lines: int, max_bytes: int = 16384) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_live: set[subprocess.Popen] = set()  # running workers, for stop_workers()
+_live_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def stop_workers(grace: float = 2.0) -> None:
+    """Kill every running worker's process group; no worker starts again until
+    :func:`allow_workers` (a run was interrupted)."""
+    with _live_lock:
+        _stopping.set()
+        procs = list(_live)
+    for proc in procs:
+        _kill_group(proc, grace)
+
+
+def allow_workers() -> None:
+    """Let :func:`run_worker` start workers again (a new run begins)."""
+    _stopping.clear()
+
+
 def run_worker(
     cmd: Sequence[str | os.PathLike[str]],
     env: Mapping[str, str] | None,
@@ -625,9 +649,13 @@ def run_worker(
             t0 = time.monotonic()
             timed_out = False
             try:
-                proc = subprocess.Popen(argv, env=None if env is None else dict(env), cwd=cwd,
-                                        stdin=subprocess.DEVNULL, stdout=fh,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                with _live_lock:
+                    if _stopping.is_set():
+                        raise OSError("the run was stopped")
+                    proc = subprocess.Popen(argv, env=None if env is None else dict(env),
+                                            cwd=cwd, stdin=subprocess.DEVNULL, stdout=fh,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+                    _live.add(proc)
             except OSError as exc:
                 fh.write(f"cannot start: {exc}\n".encode())
                 rc = None
@@ -640,13 +668,16 @@ def run_worker(
                 else:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, signal.SIGKILL)  # leftovers only
+                finally:
+                    with _live_lock:
+                        _live.discard(proc)
                 rc = proc.returncode
             end = (f"timed out after {timeout} s, process group killed" if timed_out
                    else f"exit status {rc}")
             fh.write(f"=== attempt {attempt} ended: {end} ({time.monotonic() - t0:.1f} s)\n"
                      .encode())
         tail = _tail(log, start, tail_lines)
-        if rc == 0 and not timed_out:
+        if (rc == 0 and not timed_out) or _stopping.is_set():
             break
     return WorkerResult(returncode=rc, attempts=attempt, log_tail=tail,
                         seconds=time.monotonic() - t_start, timed_out=timed_out)

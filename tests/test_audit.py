@@ -1,9 +1,12 @@
-"""Pooling audit and run comparison: planted unstable windows, calibration, compare, end to end."""
+"""Pooling audit and run comparison: planted unstable windows, calibration, verdict, compare,
+end to end on real MCA runs."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -11,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from run_files import write_run
 
 from nanprobe.audit import (
+    VERDICT_MIN_F1,
     audit_run,
     infer_geometry,
     json_safe,
@@ -23,7 +28,9 @@ from nanprobe.audit import (
     summary_lines,
     tie_counts,
     unstable_windows,
+    verdict,
 )
+from nanprobe.calibrate import calibrate, load_pooling
 from nanprobe.compare import compare_runs
 from nanprobe.compare import summary_lines as compare_lines
 from nanprobe.ops import load_config
@@ -87,31 +94,17 @@ def _planted(seed: int = 0):
     return x, ref, masks, flip
 
 
-def _write_capture(path: Path, x: np.ndarray, idx: np.ndarray) -> None:
-    with h5py.File(path, "w") as h5:
-        h5["layers/pool/input"] = x
-        h5["layers/pool/indices"] = idx
-        h5["layers/pool/output"] = F.max_pool2d(torch.from_numpy(x), 2, 2).numpy()
-        h5["final"] = x.mean(axis=(2, 3))
+def _capture(x: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {"layers/pool/input": x, "layers/pool/indices": idx,
+            "layers/pool/output": F.max_pool2d(torch.from_numpy(x), 2, 2).numpy(),
+            "final": x.mean(axis=(2, 3))}
 
 
 def _write_run(path: Path, x: np.ndarray, ref: np.ndarray, samples: list[np.ndarray],
                **identity) -> Path:
-    """A run directory in mca-run's layout for a model that cannot be loaded."""
-    (path / "samples").mkdir(parents=True)
-    spec = {"model": "synthetic", "input": "synthetic", "samples": len(samples), "seed": 0,
-            "backend": {"name": "inprocess", "mode": "rr", "precision": 24},
-            "checkpoint": None, "view": None, "slices": None, "layers": None, "nanify": None,
-            "trust": False, "batch_size": 4}
-    inp = {"input": "synthetic", "input_sha256": identity.get("input_sha256", "abc"),
-           "input_shape": list(x.shape), "selection": list(range(x.shape[0])), "view": None}
-    manifest = {"format": "nanprobe-run/1", "spec": spec, "layers": ["pool"], "input": inp,
-                "weights_sha256": "w0"}
-    (path / "run.json").write_text(json.dumps(manifest))
-    _write_capture(path / "reference.h5", x, ref)
-    for i, idx in enumerate(samples):
-        _write_capture(path / "samples" / f"sample-{i:04d}.h5", x, idx)
-    return path
+    """A run directory in mca-run's format for a model that cannot be loaded."""
+    return write_run(path, [_capture(x, idx) for idx in [ref, *samples]], layers=["pool"],
+                     **identity)
 
 
 def _flipping(ref: np.ndarray, flip: np.ndarray, unstable: np.ndarray) -> list[np.ndarray]:
@@ -182,6 +175,7 @@ def test_flag_scores_and_calibration(planted_audit):
     assert (triple["precision"], triple["recall"]) == (1.0, pytest.approx(4 / 20))
     best = a["calibration"]["best"]
     assert (best["tie_limit"], best["tie_eps"], best["f1"]) == (1, 1e-5, 1.0)
+    assert a["verdict"] == "explained" and "precision 1.000 and recall 1.000" in a["verdict_text"]
     assert a["calibrated_pooling"]["defaults"] == {"tie_limit": 1, "tie_eps": 1e-5,
                                                     "tie_rtol": 0.0}
     assert load_config(a["calibrated_pooling"])["defaults"]["tie_eps"] == 1e-5
@@ -242,9 +236,15 @@ def test_audit_refuses_runs_without_samples_or_pooling(planted, tmp_path):
     empty = _write_run(tmp_path / "empty", x, ref, [])
     with pytest.raises(ValueError, match="no complete samples"):
         audit_run(empty, load_model=False)
-    with h5py.File(empty / "reference.h5", "a") as h5:
-        del h5["layers/pool/input"]
+    no_input = [{k: v for k, v in _capture(x, idx).items() if k != "layers/pool/input"}
+                for idx in (ref, ref)]
+    nopool = write_run(tmp_path / "nopool", no_input, layers=["pool"])
     with pytest.raises(ValueError, match="no max-pooling layer"):
+        audit_run(nopool, load_model=False)
+    with h5py.File(empty / "reference.h5", "a") as h5:  # damaged after the run: not trusted
+        del h5["layers/pool/input"]
+    with pytest.raises(ValueError, match=r"cannot be trusted \(reference.h5: dataset "
+                       r"layers/pool/input is missing\); rerun the same `nanprobe mca-run`"):
         audit_run(empty, load_model=False)
 
 
@@ -286,6 +286,7 @@ def test_compare_constructed_difference_and_sigdigits(planted, planted_run, tmp_
         with h5py.File(run / "sigdigits.h5", "w") as h5:
             h5["layers/pool/output/bits"] = arr  # nanprobe.sigdigits' layout
             h5["layers/pool/output/exact"] = arr == 24
+            h5.attrs["run_digest"] = Run(run).digest
     c = compare_runs(a, b)
     assert c["sigbits_source"] == "sigdigits.h5" and c["sigbits_note"] is None
     entry = c["sigbits"]["layers/pool/output"]
@@ -293,7 +294,13 @@ def test_compare_constructed_difference_and_sigdigits(planted, planted_run, tmp_
     assert entry["mean_abs_diff"] == pytest.approx(0.5)
     (a / "sigdigits.h5").unlink()
     c = compare_runs(a, b, estimate_max_bytes=0)
-    assert c["sigbits"] is None and "run `nanprobe sigdigits` first" in c["sigbits_note"]
+    assert c["sigbits"] is None and c["sigbits_note"].startswith(f"{a} has no sigdigits.h5")
+    assert f"run `nanprobe sigdigits {a}` first" in c["sigbits_note"]
+    with h5py.File(b / "sigdigits.h5", "r+") as h5:  # b's run changed since: stale
+        h5.attrs["run_digest"] = "0" * 64
+    c = compare_runs(a, b, estimate_max_bytes=0)
+    assert f"{b} has a stale sigdigits.h5" in c["sigbits_note"]
+    assert f"nanprobe sigdigits {a} && nanprobe sigdigits {b}" in c["sigbits_note"]
 
 
 def test_compare_refuses_different_inputs(planted, planted_run, tmp_path):
@@ -302,6 +309,32 @@ def test_compare_refuses_different_inputs(planted, planted_run, tmp_path):
     with pytest.raises(ValueError, match="input_sha256") as err:
         compare_runs(planted_run, other)
     assert "\n" not in str(err.value)
+
+
+def test_verdict_without_unstable_windows(planted, tmp_path):
+    x, ref, _, _ = planted
+    steady = _write_run(tmp_path / "steady", x, ref, [ref, ref.copy()])
+    a = audit_run(steady, rtol_values=(0.0,), plots=False)
+    assert a["summary"]["unstable"] == 0 and a["verdict"] == "no_unstable_windows"
+    assert a["calibrated_pooling"]["defaults"]["tie_limit"] is None
+    assert a["verdict_text"].startswith("No pooling window is unstable over 2 MCA samples")
+    assert summary_lines(a)[-1] == "calibrated pooling: tie_limit=None (no NaN pooling)"
+    assert load_pooling(steady)[0]["tie_limit"] is None
+
+
+def test_verdict_thresholds_and_sentences():
+    summary = {"windows": 1000, "unstable": 10}
+    row = {"tie_limit": 2, "tie_eps": 1e-6, "tie_rtol": 0.0, "precision": 0.4, "recall": 1.0,
+           "fp": 15, "flagged": 25}
+    name, text = verdict(summary, 5, {**row, "f1": VERDICT_MIN_F1})
+    assert name == "explained" and "tie_limit=2, tie_eps=1e-06" in text
+    name, text = verdict(summary, 5, {**row, "f1": VERDICT_MIN_F1 - 1e-9}, (7, 0))
+    assert name == "not_explained"
+    assert "15 of its 25 flags are stable windows; 7 windows are exact ties at 0" in text
+    assert verdict(summary, 5, None)[0] == "not_explained"
+    for _, text in [verdict(summary, 5, {**row, "f1": 0.9}),
+                    verdict({**summary, "unstable": 0}, 5, None)]:
+        assert not re.search(r"[.!?]\s", text) and text.endswith(".")  # one sentence, one line
 
 
 def test_real_run_end_to_end(tmp_path):
@@ -316,9 +349,69 @@ def test_real_run_end_to_end(tmp_path):
     for name in pools:
         assert 0.0 <= a["layers"][name]["unstable_fraction"] <= 1.0
         assert (run.path / a["figures"]["maps"][name]["png"]).read_bytes().startswith(PNG)
-    assert set(a["calibrated_pooling"]["defaults"]) == {"tie_limit", "tie_eps", "tie_rtol"}
-    load_config(a["calibrated_pooling"])
-    assert summary_lines(a)[-1].startswith("calibrated: tie_limit=")
     c = compare_runs(run.path, run.path)
     assert c["pooling"]["all"]["f1"] == 1.0
     assert any(line.startswith("pooling all:") for line in compare_lines(c))
+
+    # ReLU's exact zeros tie in 4-way windows that MCA never changes: ties are not what is
+    # unstable here, and the audit says so instead of calibrating on them
+    assert a["summary"]["unstable"] > 0
+    zeros = [a["layers"][n]["exact_ties_at_zero"] for n in pools]
+    assert sum(z["windows"] for z in zeros) > 10 * a["summary"]["unstable"]
+    assert sum(z["unstable"] for z in zeros) == 0
+    assert a["calibration"]["best"]["f1"] < VERDICT_MIN_F1
+    assert a["verdict"] == "not_explained"
+    assert a["verdict_text"].startswith("No tie setting explains the ")
+    assert a["verdict_text"].endswith("so NaN pooling is not recommended (tie_limit=None).")
+    assert a["calibrated_pooling"]["defaults"]["tie_limit"] is None
+    assert a["calibrated_pooling"]["provenance"]["verdict"] == "not_explained"
+    lines = summary_lines(a)
+    assert lines[-3].startswith("best tie setting: tie_limit=")
+    assert lines[-2] == f"verdict: not_explained: {a['verdict_text']}"
+    assert lines[-1] == "calibrated pooling: tie_limit=None (no NaN pooling)"
+
+    # calibrate reads the recommendation from the run: no NaN pooling, nothing skipped
+    assert load_config(a["calibrated_pooling"])["defaults"]["tie_limit"] is None
+    cal = calibrate("mnist", "mnist", tmp_path / "cal", slices="0:8", thresholds=(1.0, 0.5),
+                    fills=("zero",), pooling=run.path, repeats=1)
+    assert cal["pooling"]["tie_limit"] is None
+    for setting in cal["settings"]:
+        assert setting["skip"]["positions"] == 0.0
+        assert setting["agreement"]["accuracy"] == 1.0
+
+
+TIES_MODULE = "nanprobe_test_tied_background"
+
+
+def test_real_run_where_ties_explain_instability(tmp_path, monkeypatch):
+    """A constant background makes exact, inexactly computed ties (as in the default U-Net):
+    random rounding breaks them in every sample, so the tie rule finds the unstable windows."""
+    (tmp_path / f"{TIES_MODULE}.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+
+        def make():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2))
+            with torch.no_grad():  # positive, inexact weights: no ReLU zeros, no exact sums
+                model[0].weight.uniform_(0.05, 0.15)
+                model[0].bias.uniform_(0.1, 0.2)
+            return model
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = np.random.default_rng(0).uniform(0, 1, (2, 1, 16, 16)).astype(np.float32)
+    images[:, :, :, :8] = 0.3  # the left half is a constant background
+    np.save(tmp_path / "images.npy", images)
+    run = mca_run(RunSpec(model=f"{TIES_MODULE}:make", input=str(tmp_path / "images.npy"),
+                          samples=8), tmp_path / "run")
+    a = audit_run(run.path, plots=False)
+    assert list(a["layers"]) == ["1"] and a["layers"]["1"]["geometry"]["source"] == "model"
+    assert a["summary"]["unstable"] > 50
+    best = a["calibration"]["best"]
+    assert best["f1"] >= 0.9 and best["recall"] >= 0.95
+    assert a["verdict"] == "explained"
+    assert a["verdict_text"].startswith("Near ties explain the ")
+    assert a["calibrated_pooling"]["defaults"] == {k: best[k] for k in
+                                                   ("tie_limit", "tie_eps", "tie_rtol")}
+    assert summary_lines(a)[-1].startswith(f"calibrated pooling: tie_limit={best['tie_limit']} ")

@@ -290,6 +290,6 @@ def test_user_factory_argument_and_weight_errors(factories, tmp_path):
 
 @pytest.mark.parametrize("spec", ["", "resnet50", "fastsurfer", "module:", ":callable", "a:b:c"])
 def test_unknown_spec_lists_accepted_forms(spec):
-    with pytest.raises(ValueError, match="'default', 'mnist', 'fastsurfer-vinn', 'fastsurfer-cnn' "
-                                         "or 'package.module:callable'"):
+    with pytest.raises(ValueError, match="'default', 'mnist', 'mnist-paper', 'fastsurfer-vinn', "
+                                         "'fastsurfer-cnn' or 'package.module:callable'"):
         load(spec)

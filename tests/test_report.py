@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from run_files import retag
 
 from nanprobe.audit import audit_run
 from nanprobe.calibrate import CALIBRATION_FORMAT, calibrate, recommend
@@ -118,34 +119,55 @@ def test_real_calibration_report(run_copy):
     assert report["speed"]["plain_seconds"] == written["plain"]["seconds"]
     assert [s["speedup"] for s in report["speed"]["settings"]] == [
         s["speedup"] for s in written["settings"]]
-    # the channels-last baseline is timed and shown beside the plain one
-    plain_cl = written["plain"]["seconds_channels_last"]
-    assert report["speed"]["plain_seconds_channels_last"] == plain_cl > 0
-    assert [s["speedup_channels_last"] for s in report["speed"]["settings"]] == [
-        pytest.approx(plain_cl / s["seconds"]) for s in written["settings"]]
+    # every setting is timed against the plain model in alternating rounds: median and range
+    for s in report["speed"]["settings"]:
+        lo, hi = s["speedup_range"]
+        assert lo <= s["speedup"] <= hi
+    # the recommended setting is also timed against the plain model in channels-last layout
+    rec = written["recommended"]
+    if rec is not None:
+        plain_cl = written["plain"]["seconds_channels_last"]
+        assert report["speed"]["plain_seconds_channels_last"] == plain_cl > 0
+        lo, hi = written["settings"][rec]["speedup_channels_last_range"]
+        assert lo <= written["settings"][rec]["speedup_channels_last"] <= hi
+    assert [s["speedup_channels_last"] is not None for s in written["settings"]] == [
+        i == rec for i in range(len(written["settings"]))]
     assert "vs plain channels-last" in text
+    assert written["timing"]["repeats"] == 1 and len(written["timing"]["load_average_1min"]) == 2
     # the speed figures say which allocator mode they were measured in (page faults weigh)
     assert written["provenance"]["allocator"] == report["speed"]["allocator"] == allocator_note()
     assert allocator_note() in text
     # ... and at which batch size (it decides which activations reach the mmap threshold)
     assert report["speed"]["batch_size"] == written["provenance"]["batch_size"] == 4
-    assert "calibration inputs, 4 per forward call" in text
+    assert "calibration inputs (4 items per forward call" in text
     focus = report["layers"]["setting"]
     assert report["layers"]["rows"] == written["settings"][focus]["layers"]
     assert report["slices"]["rows"] == written["settings"][focus]["per_item"]
     assert report["missing"] == {}
     if written["recommended"] is None:
-        assert report["summary"]["recommendation"] is None
-        assert "No setting within tolerance" in text
+        assert report["recommendation"] is None
+        assert "nothing: every setting loses more than" in text
     else:
-        assert report["summary"]["recommendation"]["index"] == written["recommended"]
+        rec = report["recommendation"]
+        assert rec["index"] == written["recommended"]
+        assert rec["verdict"] in ("faster", "slower", "no measurable difference")
+        assert rec["speedup_range"][0] <= rec["speedup"] <= rec["speedup_range"][1]
         assert 'class="recommendation"' in text
+    # the summary answers the four questions, output stability first
+    lines = report["summary"]["lines"]
+    assert [line.split("?")[0] for line in lines] == [
+        "Does the noise change the output", "Where is the noise", "What to set",
+        "What does it buy"]
+    stability = report["output_stability"]
+    assert stability["task"] == "classification" and stability["samples"] == 2
+    assert len(stability["label_flip_fraction"]) == 2
+    assert lines[0].endswith(("in all 2 MCA samples.", ")."))
 
     # every embedded image: sigdigits and audit PNGs of the run, and the report's own
     sig, audit = report["sigdigits"]["figures"], report["audit"]["figures"]
     expected = [*sig["overview"], *sig["layers"], *audit, *report["figures"].values()]
     assert len(sig["layers"]) == 12 and len(audit) == 5
-    assert set(report["figures"]) == {"sweep", "layers", "slices"}
+    assert set(report["figures"]) == {"stability", "noise_reach", "sweep", "layers", "slices"}
     assert len(page.images) == len(expected)
     for rel in expected:
         assert (run_copy / rel).read_bytes().startswith(b"\x89PNG")
@@ -208,10 +230,7 @@ def _segmentation_calibration(selection: list[int], layer: str) -> dict:
 
 
 def test_user_strings_are_escaped_and_recommendation_first(run_copy):
-    manifest = json.loads((run_copy / "run.json").read_text())
-    manifest["spec"]["model"] = EVIL
-    manifest["input"]["input"] = EVIL
-    (run_copy / "run.json").write_text(json.dumps(manifest))
+    retag(run_copy, model=EVIL, input=EVIL)
     cal = _segmentation_calibration([3, 4, 5], EVIL)
     write_json(run_copy / "calibration.json", cal)
     audit = json.loads((run_copy / "audit.json").read_text())
@@ -228,7 +247,7 @@ def test_user_strings_are_escaped_and_recommendation_first(run_copy):
 
     report = strict_json(json_path)
     assert cal["recommended"] == 2
-    rec = report["summary"]["recommendation"]
+    rec = report["recommendation"]
     best = cal["settings"][2]
     assert rec["index"] == 2 and rec["skip"] == best["skip"]
     assert (rec["speedup"], rec["loss"], rec["agreement"]) == (
@@ -238,9 +257,10 @@ def test_user_strings_are_escaped_and_recommendation_first(run_copy):
     assert report["slices"]["labels"] is True and report["slices"]["rows"] == best["per_item"]
     assert len(report["summary"]["mismatch"]) == 1  # the calibration's model is not the run's
 
-    summary = text[text.index('<section id="summary">'):text.index('<section id="sigdigits">')]
-    assert summary.index('class="recommendation"') < summary.index("At a glance")
-    assert "speed-up 1.33×" in summary and "tie_limit=1" in summary
+    summary = text[text.index('<section id="summary">'):text.index('<section id="stability">')]
+    assert summary.index('class="verdicts"') < summary.index('class="recommendation"')
+    assert "1.33x (1.33-1.33x) — faster than the plain model on this machine" in summary
+    assert "tie_limit=1" in summary
     rows = re.findall(r'<tr class="recommended">(.*?)</tr>', text)
     assert len(rows) == 2 and all(r.startswith("<td>2 (recommended)</td>") for r in rows)
     slices = text[text.index('<section id="slices">'):text.index('<section id="speed">')]
@@ -254,7 +274,7 @@ def test_missing_steps_are_named(run_copy):
     html_path, json_path = write_report(run_copy)
     text, page = parse(html_path)
     check_self_contained(text, page)
-    assert page.images == []
+    assert len(page.images) == 1  # the output stability figure: the run has samples
     report = strict_json(json_path)
     commands = {"sigdigits": f"nanprobe sigdigits {run_copy}",
                 "audit": f"nanprobe audit {run_copy}",
@@ -264,7 +284,7 @@ def test_missing_steps_are_named(run_copy):
         assert report["missing"][step] == f"not computed — run `{command}`"
     for key in ("sigdigits", "audit", "sweep", "layers", "slices", "speed"):
         assert report[key] is None
-    assert report["figures"] == {} and report["summary"]["recommendation"] is None
+    assert set(report["figures"]) == {"stability"} and report["recommendation"] is None
     assert len(report["provenance"]["commands"]) == 1
 
 
@@ -284,8 +304,9 @@ def test_no_recommendation_shows_the_closest_setting(run_copy):
     text, page = parse(write_report(run_copy)[0])
     check_self_contained(text, page)
     report = strict_json(run_copy / "report.json")
-    assert report["summary"]["recommendation"] is None
+    assert report["recommendation"] is None
     assert report["summary"]["within_tolerance"] is False
     assert report["layers"]["setting"] == 0 and report["layers"]["recommended"] is False
-    assert "No setting within tolerance" in text and 'class="recommended"' not in text
+    assert "nothing: every setting loses more than" in text
+    assert 'class="recommended"' not in text
     assert "fill=mean (not recommended)" in text

@@ -116,7 +116,7 @@ def test_kill_minus_9_then_resume(tmp_path):
            "--slices", "0:200", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while len(list((out / "samples").glob("sample-*.h5"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import significantdigits as sd
 from PIL import Image
+from run_files import write_run
 
 from nanprobe.plots import LAYER_FIGSIZE, grid_figsize, plot_layer, plot_sigdigits
 from nanprobe.run import RunSpec, mca_run
@@ -32,20 +33,9 @@ def make_run(path: Path, samples: np.ndarray, reference: np.ndarray,
     datasets = {KEY: (samples, reference), **(extra or {})}
     n = samples.shape[0]
     idx = np.arange(int(np.prod(reference.shape))).reshape(reference.shape).astype(np.int64)
-    (path / "samples").mkdir(parents=True)
-    manifest = {"format": "nanprobe-run/1", "layers": ["conv"],
-                "spec": {"model": "synthetic", "samples": n},
-                "input": {"view": None, "selection": list(range(reference.shape[0]))}}
-    (path / "run.json").write_text(json.dumps(manifest))
-    for i in range(-1, n):
-        name = "reference.h5" if i < 0 else f"samples/sample-{i:04d}.h5"
-        with h5py.File(path / name, "w") as h5:
-            for key, (stack, ref) in datasets.items():
-                data = ref if i < 0 else stack[i]
-                h5.create_dataset(key, data=data, chunks=(1, *data.shape[1:]),
-                                  compression="gzip", compression_opts=1, shuffle=True)
-            h5.create_dataset("layers/pool/indices", data=idx)
-    return path
+    captures = [{**{key: (ref if i < 0 else stack[i]) for key, (stack, ref) in datasets.items()},
+                 "layers/pool/indices": idx} for i in range(-1, n)]
+    return write_run(path, captures, layers=["conv"], compress=True)
 
 
 def noisy(rng: np.random.Generator, n: int, shape: tuple[int, ...],
@@ -196,8 +186,8 @@ def test_failed_computation_leaves_no_output(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", samples, ref)
     with h5py.File(run / "samples" / "sample-0002.h5", "a") as h5:
         del h5[KEY]  # a corrupt sample
-    with pytest.raises(KeyError):
-        compute_sigdigits(run)
+    with pytest.raises(ValueError, match="sample-0002.h5: dataset layers/conv/output is missing"):
+        compute_sigdigits(run)  # refused before any output is written
     assert sorted(p.name for p in run.iterdir()) == ["reference.h5", "run.json", "samples"]
 
 

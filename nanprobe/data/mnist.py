@@ -5,7 +5,10 @@ gzip-compressed CSV without header: one digit per line, 784 integer pixel values
 (row-major 28 x 28) followed by the integer label 0..9; 500 digits per class.
 
 ``nanprobe/assets/mnist_heldout.npz`` holds the 1,000 digits (100 per class) that
-``analyses/train_mnist.py`` kept out of training. Its arrays:
+``analyses/train_mnist.py`` kept out of training, classes interleaved
+(:func:`interleave_classes`: digit i is of class i % 10), so that every prefix — the default
+selection ``0:32`` of ``mca-run``, ``--slices 0:64`` — holds all classes in equal shares. Its
+arrays:
 
 - ``images``: uint8 ``(1000, 28, 28)``;
 - ``labels``: int64 ``(1000,)``;
@@ -66,6 +69,18 @@ def read_mnist_5k_csv(path: str | PathLike[str]) -> tuple[np.ndarray, np.ndarray
     if labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path}: labels outside 0..9")
     return pixels.astype(np.uint8).reshape(-1, SIDE, SIDE), labels
+
+
+def interleave_classes(labels: np.ndarray) -> np.ndarray:
+    """The order (indices into ``labels``) taking the first item of each class in class order,
+    then the second of each, and so on: with equal class counts, item i is of class i % K.
+    Items of one class keep their relative order."""
+    labels = np.asarray(labels)
+    rank = np.empty(labels.size, np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(where.size)
+    return np.lexsort((labels, rank))
 
 
 def _heldout_npz() -> dict[str, np.ndarray]:

@@ -4,6 +4,8 @@ Accepted specs of :func:`load`:
 
 - ``"default"``: the bundled default U-Net (:mod:`nanprobe.models.default`), coronal thick slices;
 - ``"mnist"``: the bundled MNIST classifier (:mod:`nanprobe.models.mnist`);
+- ``"mnist-paper"``: the bundled MNIST classifier with the paper's conventions (normalised input,
+  90-logit head whose column d is digit d; :class:`~nanprobe.models.mnist.MnistPaperCNN`);
 - ``"fastsurfer-vinn"`` / ``"fastsurfer-cnn"``: FastSurfer v2 / v1 networks from a local checkpoint
   file (``checkpoint=`` is required; nanprobe never downloads);
 - ``"package.module:callable"``: a user factory returning an ``nn.Module`` (or a
@@ -35,7 +37,8 @@ from nanprobe.models.fastsurfer import FastSurferVINN, num_classes_for_view
 InputKind = Literal["mri-thick-slices", "image"]
 Task = Literal["segmentation", "classification"]
 
-BUILTIN_SPECS: tuple[str, ...] = ("default", "mnist", "fastsurfer-vinn", "fastsurfer-cnn")
+BUILTIN_SPECS: tuple[str, ...] = ("default", "mnist", "mnist-paper", "fastsurfer-vinn",
+                                  "fastsurfer-cnn")
 FASTSURFER_RELEASE_HINT = (
     "download FastSurfer's released checkpoints yourself (e.g. aparc_vinn_coronal_v2.0.0.pkl "
     "from the FastSurfer GitHub releases, or the checkpoints/ folder of a FastSurfer "
@@ -173,17 +176,22 @@ def _load_default(checkpoint: Path | None, view: str | None, trust: bool) -> Loa
     )
 
 
-def _load_mnist(checkpoint: Path | None, view: str | None, trust: bool) -> LoadedModel:
-    _check_view("mnist", view, ())
+def _load_mnist(
+    spec: str, checkpoint: Path | None, view: str | None, trust: bool
+) -> LoadedModel:
+    """``mnist`` or ``mnist-paper``: both classify into 10 digits (``mnist-paper`` outputs 90
+    columns; a prediction outside 0-9 is wrong)."""
+    _check_view(spec, view, ())
+    paper = spec == "mnist-paper"
     if checkpoint is None:
-        model = mnist.load_mnist_cnn()
-        digest = asset_sha256(mnist.WEIGHTS_ASSET)
+        model = mnist.load_mnist_paper_cnn() if paper else mnist.load_mnist_cnn()
+        digest = asset_sha256(mnist.PAPER_WEIGHTS_ASSET if paper else mnist.WEIGHTS_ASSET)
     else:
-        model = mnist.MnistCNN()
-        _load_state_dict(model, checkpoint, "mnist", trust=trust)
+        model = mnist.MnistPaperCNN() if paper else mnist.MnistCNN()
+        _load_state_dict(model, checkpoint, spec, trust=trust)
         digest = file_sha256(checkpoint)
     return LoadedModel(
-        model.eval(), "mnist", "classification", "image", (1, MNIST_SIDE, MNIST_SIDE), 10, None,
+        model.eval(), spec, "classification", "image", (1, MNIST_SIDE, MNIST_SIDE), 10, None,
         digest,
     )
 
@@ -212,6 +220,9 @@ def _load_factory(
         target: object = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"{spec}: cannot import module {module_name!r} ({err})") from err
+    except Exception as err:  # module-level code of the user's module failed
+        raise ValueError(f"{spec}: importing module {module_name!r} raised "
+                         f"{type(err).__name__}: {err}") from err
     for attr in attr_path.split("."):
         if not hasattr(target, attr):
             raise ValueError(f"{spec}: module {module_name!r} has no attribute {attr_path!r}")
@@ -227,7 +238,10 @@ def _load_factory(
         ) from err
     except ValueError:  # no signature (some builtins): just call it
         pass
-    made = target(**kwargs)
+    try:
+        made = target(**kwargs)
+    except Exception as err:  # the user's code: say whose error it is, in one line
+        raise ValueError(f"model factory {spec} raised {type(err).__name__}: {err}") from err
     if isinstance(made, LoadedModel):
         loaded = replace(made, spec=spec, view=made.view or view)
     elif isinstance(made, nn.Module):
@@ -255,14 +269,15 @@ def load(
 
     ``spec`` is one of :data:`BUILTIN_SPECS` or ``"package.module:callable"``.
 
-    - ``checkpoint``: weights to load. For ``default`` / ``mnist``: a state_dict file written by
-      ``analyses/train_default_unet.py`` / ``analyses/train_mnist.py`` (default: the bundled
-      weights). For ``fastsurfer-*``: FastSurfer's ``.pkl`` (required). For a factory: a
-      state_dict file loaded strictly into the module it returns.
+    - ``checkpoint``: weights to load. For ``default`` / ``mnist`` / ``mnist-paper``: a
+      state_dict file written by ``analyses/train_default_unet.py`` / ``analyses/train_mnist.py``
+      (``--paper-head`` for ``mnist-paper``; default: the bundled weights). For
+      ``fastsurfer-*``: FastSurfer's ``.pkl`` (required). For a factory: a state_dict file
+      loaded strictly into the module it returns.
     - ``view``: ``default`` is coronal unless a checkpoint trained on another view is given;
       ``fastsurfer-*`` need the view the checkpoint was trained for (read from the path when it
-      names exactly one, as FastSurfer's file names do); ``mnist`` takes none; a factory gets
-      ``view=`` as a keyword argument when it is given.
+      names exactly one, as FastSurfer's file names do); ``mnist`` and ``mnist-paper`` take
+      none; a factory gets ``view=`` as a keyword argument when it is given.
     - ``trust``: files are read with ``torch.load(weights_only=True)``; only if that is refused and
       ``trust`` is True are they fully unpickled (which can run code stored in the file).
 
@@ -273,8 +288,8 @@ def load(
     path = None if checkpoint is None else _checkpoint_path(checkpoint, spec)
     if spec == "default":
         return _load_default(path, view, trust)
-    if spec == "mnist":
-        return _load_mnist(path, view, trust)
+    if spec in ("mnist", "mnist-paper"):
+        return _load_mnist(spec, path, view, trust)
     if spec in ("fastsurfer-vinn", "fastsurfer-cnn"):
         return _load_fastsurfer(spec, path, view, trust)
     if isinstance(spec, str) and _FACTORY.match(spec):
@@ -284,3 +299,14 @@ def load(
         "or 'package.module:callable' (a factory returning an nn.Module)"
     )
 
+
+def class_names(model: str, num_classes: int) -> list[str]:
+    """Display names of the output classes of model spec ``model`` (``class k`` when the
+    model is not a bundled one or has another number of classes)."""
+    if model == "default" and num_classes == 4:
+        from .default import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if model == "mnist" and num_classes == 10:
+        return [str(d) for d in range(10)]
+    return [f"class {k}" for k in range(num_classes)]
