@@ -73,8 +73,8 @@ def command_line(ctx: typer.Context) -> str:
     args: list[str] = ["nanprobe", *ctx.command_path.split()[1:]]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.param_type_name == "argument":
-            args.append(str(value))
+        if param.param_type_name == "argument":  # a variadic one (validate's inputs) is a list
+            args.extend(map(str, value) if isinstance(value, list | tuple) else [str(value)])
         elif value != param.default and value not in (None, [], ()):
             flag = param.opts[0]
             for v in (value if isinstance(value, list | tuple) else [value]):
@@ -547,6 +547,7 @@ def analyze(
 @app.command("validate")
 @friendly_errors
 def validate_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     inputs: Annotated[list[str], typer.Argument(
         help="Input volumes (subjects): default (the bundled brain) or NIfTI/MGZ files.")],
@@ -582,36 +583,25 @@ def validate_cmd(
 
     Dice per slice and class, paired t-test and Wilcoxon test of the Dice differences per view,
     skipped work and speed. Writes OUT/validation.json, per subject segmentations in the input's
-    space (plain, nanified, difference) and figures.
+    space (plain, nanified, difference) and figures (docs/validation.md).
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .validate import summary_lines
+    from .validate import UP_TO_DATE, summary_lines
     from .validate import validate as run_validation
 
-    bar = Progress(TextColumn("[bold]validate"), BarColumn(), TextColumn("{task.completed}/"
-                   "{task.total} batches"), TextColumn("{task.description}"),
-                   TimeRemainingColumn(), console=err_console)
+    with Progress("batches") as bar:
+        seen = [""]
 
-    def on_progress(done: int, total: int, what: str) -> None:
-        if not bar.tasks:  # the bar appears with the first batch, after the checks of the input
-            bar.start()
-            bar.add_task("", total=total)
-        bar.update(bar.task_ids[0], completed=done, total=total, description=what)
+        def on_progress(done: int, total: int, what: str) -> None:
+            if what != seen[0]:  # a new subject or view: one line (with the last one's time)
+                seen[0] = what
+                bar.step(what.removesuffix(UP_TO_DATE), what.endswith(UP_TO_DATE))
+            bar.update("validate", done, total)
 
-    try:
         result = run_validation(
             model, inputs, thresholds or [], out, views=views, labels=labels,
             checkpoints=checkpoints or [], trust=trust, slices=slices, batch_size=batch_size,
             repeats=repeats, timing_slices=timing_slices, seed=seed,
-            provenance_extra={"command": "nanprobe validate", "cli_options": {
-                "model": model, "inputs": inputs, "thresholds": thresholds, "views": views,
-                "out": out, "labels": labels, "slices": slices, "checkpoint": checkpoints,
-                "batch_size": batch_size, "repeats": repeats, "timing_slices": timing_slices,
-                "seed": seed}},
-            on_progress=on_progress)
-    finally:
-        bar.stop()
+            provenance_extra={"command": command_line(ctx)}, on_progress=on_progress)
     for line in summary_lines(result):
         typer.echo(line)
     typer.echo(f"wrote {out / 'validation.json'}")

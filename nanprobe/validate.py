@@ -81,6 +81,8 @@ _VIEW_WEIGHTS = dict(zip(mri.VIEWS, mri.VIEW_WEIGHTS, strict=True))
 #: FreeSurfer label id per class, for models predicting FastSurfer's label sets
 _FREESURFER_IDS = {FASTSURFER_CLASSES: LABEL_IDS, NUM_SAGITTAL_CLASSES: SAGITTAL_LABEL_IDS}
 Progress = Callable[[int, int, str], None]
+#: ends the ``what`` of a progress call for a subject finished by an earlier run
+UP_TO_DATE = " (up to date)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +510,8 @@ def validate(
     which slices of every view to run (``START:STOP[:STEP]``, ``I,J,K``; default all). Timing:
     ``repeats`` interleaved rounds over the ``timing_slices`` central selected slices of each
     view (0 to skip). ``seed`` seeds the ``noisy_max`` fill. ``on_progress(done, total, what)``
-    follows the batches.
+    follows the batches; ``what`` is ``"NN-NAME VIEW"`` (the subject's folder), or ``"NN-NAME"`` +
+    :data:`UP_TO_DATE` for a subject finished by an earlier run.
 
     Returns (and writes as ``validation.json``): ``format``; ``views``: view -> thresholds name
     -> ``dice_diff_mean``, ``dice_diff_std``, ``n_pairs``, ``p_ttest``, ``p_wilcoxon`` (see
@@ -565,7 +568,7 @@ def validate(
                        "nanprobe_version": __version__}
         done = i * batches_per_subject
 
-        def progress(k: int, what: str, _done: int = done, _name: str = subject.name) -> None:
+        def progress(k: int, what: str, _done: int = done, _name: str = subject.dirname) -> None:
             if on_progress:
                 on_progress(_done + k, total, f"{_name} {what}")
 
@@ -576,7 +579,8 @@ def validate(
                                   batch_size=batch_size, repeats=repeats,
                                   timing_slices=timing_slices, seed=seed, figures=figures,
                                   progress=progress)
-        progress(batches_per_subject, "done")
+        elif on_progress:
+            on_progress(done + batches_per_subject, total, subject.dirname + UP_TO_DATE)
         records.append(record)
 
     against = "labels" if all(r["labels"] is not None for r in records) else "plain"
@@ -947,19 +951,20 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
                          f"{_fmt(s['dice_diff_std'], '.2e'):>9} {s['n_pairs']:>6} "
                          f"{_fmt(s['p_ttest'], '.3g'):>9} {_fmt(s['p_wilcoxon'], '.3g'):>10}")
     for r in result["subjects"]:
+        who = Path(r["dir"]).name  # NN-NAME: unique when an input is given twice
         for view, v in r["views"].items():
             for name, n in v["nanified"].items():
                 t = n["timing"]
                 speed = ("" if t is None else f", speed {t['speedup']:.2f}x "
                          f"[{t['speedup_min']:.2f}-{t['speedup_max']:.2f}]"
                          + (" (a slowdown)" if t["speedup"] < 1 else ""))
-                lines.append(f"{r['name']} {view} {name}: labels identical to plain "
+                lines.append(f"{who} {view} {name}: labels identical to plain "
                              f"{_fmt(n['vs_plain']['identical'], '.4%')}, MACs skipped "
                              f"{n['skip']['macs']:.1%}{speed}")
         agg = r.get(AGGREGATED)
         if agg:
             for name, n in agg["nanified"].items():
-                lines.append(f"{r['name']} aggregated {name}: labels identical to plain "
+                lines.append(f"{who} aggregated {name}: labels identical to plain "
                              f"{_fmt(n['vs_plain']['identical'], '.4%')}, mean Dice vs plain "
                              f"{_fmt(n['vs_plain']['mean_dice'], '.5f')}")
     return lines
