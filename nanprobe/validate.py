@@ -58,9 +58,12 @@ from .data.labels import NUM_CLASSES as FASTSURFER_CLASSES
 from .evaluate import (
     allocator_note,
     forward_pass,
-    interleaved_times,
+    interleaved_rounds,
     labels_from_logits,
+    machine_busy,
+    ratio_spread,
     skip_table,
+    speed_verdict,
     split_batches,
 )
 from .inputs import MRI_SUFFIXES, parse_selection
@@ -783,8 +786,10 @@ def _overall_skip(net: nn.Module) -> dict[str, float]:
 def _timing(vm: ViewModel, vol_view: np.ndarray, idx: Sequence[int], batch_size: int,
             repeats: int, timing_slices: int) -> list[dict[str, Any] | None]:
     """Per nanified model: seconds of plain and nanified over the central ``timing_slices``
-    selected slices, ``repeats`` interleaved rounds (median, min, max; speed-up = plain / nanified
-    medians, and its min/max over rounds)."""
+    selected slices in ``repeats`` interleaved rounds (median, min, max, all), the speed-up
+    (plain / nanified per round: median and min-max, :func:`~nanprobe.evaluate.ratio_spread`),
+    its :func:`~nanprobe.evaluate.speed_verdict` and, when the machine was too busy to trust
+    the timing, why (:func:`~nanprobe.evaluate.machine_busy`)."""
     k = min(timing_slices, len(idx))
     if repeats == 0 or k == 0:
         return [None] * len(vm.nanified)
@@ -793,25 +798,28 @@ def _timing(vm: ViewModel, vol_view: np.ndarray, idx: Sequence[int], batch_size:
     x = torch.from_numpy(mri.thick_slices(vol_view, SLICE_THICKNESS, slices=chosen))
     batches = split_batches(x, batch_size)
     fns = [forward_pass(net, batches) for net in vm.variants]
-    rounds = np.array([interleaved_times(fns, 1, warmup=False) for _ in range(repeats)])
+    load_before = os.getloadavg()[0]
+    rounds = interleaved_rounds(fns, repeats, warmup=False)  # [model][round]
+    load_after = os.getloadavg()[0]
     for net in vm.nanified:
         skip_stats(net, reset=True)  # the timing passes are not part of the skip counts
     out = []
-    for j in range(1, len(fns)):
-        plain, nan = rounds[:, 0], rounds[:, j]
-        ratio = plain / nan
-        speedup = float(np.median(plain) / np.median(nan))
+    for nan in rounds[1:]:
+        ratio = ratio_spread(rounds[0], nan)
+        lo, hi = ratio["range"]
         out.append({"slices": _compact(chosen), "repeats": repeats,
-                    "plain_seconds": _spread(plain), "nanified_seconds": _spread(nan),
-                    "speedup": speedup, "speedup_min": float(ratio.min()),
-                    "speedup_max": float(ratio.max()),
-                    "verdict": "slowdown" if speedup < 1.0 else "speed-up"})
+                    "plain_seconds": _spread(rounds[0]), "nanified_seconds": _spread(nan),
+                    "speedup": ratio["median"], "speedup_min": lo, "speedup_max": hi,
+                    "verdict": speed_verdict(lo, hi),
+                    "slowdown": ratio["median"] < 1.0,
+                    "load_average": [load_before, load_after],
+                    "busy": machine_busy(load_before, load_after, (lo, hi), ratio["median"])})
     return out
 
 
-def _spread(values: np.ndarray) -> dict[str, float]:
-    return {"median": float(np.median(values)), "min": float(values.min()),
-            "max": float(values.max()), "all": [float(v) for v in values]}
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    return {"median": float(np.median(values)), "min": float(min(values)),
+            "max": float(max(values)), "all": [float(v) for v in values]}
 
 
 def _view_truth(labels: np.ndarray, view_classes: int, space: str) -> np.ndarray:
@@ -955,9 +963,7 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
         for view, v in r["views"].items():
             for name, n in v["nanified"].items():
                 t = n["timing"]
-                speed = ("" if t is None else f", speed {t['speedup']:.2f}x "
-                         f"[{t['speedup_min']:.2f}-{t['speedup_max']:.2f}]"
-                         + (" (a slowdown)" if t["speedup"] < 1 else ""))
+                speed = "" if t is None else f", speed-up {_speed(t)}"
                 lines.append(f"{who} {view} {name}: labels identical to plain "
                              f"{_fmt(n['vs_plain']['identical'], '.4%')}, MACs skipped "
                              f"{n['skip']['macs']:.1%}{speed}")
@@ -968,6 +974,13 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
                              f"{_fmt(n['vs_plain']['identical'], '.4%')}, mean Dice vs plain "
                              f"{_fmt(n['vs_plain']['mean_dice'], '.5f')}")
     return lines
+
+
+def _speed(t: Mapping[str, Any]) -> str:
+    """``0.93x [0.88-1.11] (a slowdown), no measurable difference`` (+ why it is unreliable)."""
+    text = (f"{t['speedup']:.2f}x [{t['speedup_min']:.2f}-{t['speedup_max']:.2f}]"
+            + (" (a slowdown)" if t["speedup"] < 1 else "") + f", {t.get('verdict')}")
+    return text + (f"; timing unreliable: {t['busy']}" if t.get("busy") else "")
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -1019,11 +1032,10 @@ def report_section(run_dir: str | Path) -> str | None:
                 subject_rows.append([
                     r["name"], view, name, _fmt(n["vs_plain"]["identical"], ".4%"),
                     _fmt(n["skip"]["macs"], ".1%"),
-                    "n/a" if t is None else f"{t['speedup']:.2f}x "
-                    f"[{t['speedup_min']:.2f}-{t['speedup_max']:.2f}]"
-                    + (" slowdown" if t["speedup"] < 1 else "")])
+                    "n/a" if t is None else _speed(t)])
     parts.append(_html_table(["subject", "view", "thresholds", "labels identical to plain",
-                              "MACs skipped", "speed-up [min-max]"], subject_rows))
+                              "MACs skipped", "speed-up, median [min-max] of the rounds"],
+                             subject_rows))
     figures = [(result.get("figures", {}).get("dice_difference"), "Dice difference per view")]
     if result["subjects"]:
         first = result["subjects"][0]
