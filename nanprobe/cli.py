@@ -73,8 +73,8 @@ def command_line(ctx: typer.Context) -> str:
     args: list[str] = ["nanprobe", *ctx.command_path.split()[1:]]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.param_type_name == "argument":
-            args.append(str(value))
+        if param.param_type_name == "argument":  # a variadic one (validate's inputs) is a list
+            args.extend(map(str, value) if isinstance(value, list | tuple) else [str(value)])
         elif value != param.default and value not in (None, [], ()):
             flag = param.opts[0]
             for v in (value if isinstance(value, list | tuple) else [value]):
@@ -543,6 +543,69 @@ def analyze(
     for line in summary_lines(out):
         typer.echo(line)
     typer.echo(f"report: {html_path}")
+
+
+@app.command("validate")
+@friendly_errors
+def validate_cmd(
+    ctx: typer.Context,
+    model: ModelArg,
+    inputs: Annotated[list[str], typer.Argument(
+        help="Input volumes (subjects): default (the bundled brain) or NIfTI/MGZ files.")],
+    thresholds: Annotated[list[Path] | None, typer.Option(
+        "--thresholds", help="thresholds.json from `nanprobe calibrate` (repeatable: each file "
+        "is validated against the plain model).")] = None,
+    views: Annotated[str, typer.Option(
+        help="Comma-separated views to run; all three are fused FastSurfer-style "
+        "(0.4 axial, 0.4 coronal, 0.2 sagittal).")] = "axial,coronal,sagittal",
+    out: Annotated[Path, typer.Option(
+        help="Output directory (validation.json, segmentations, figures; rerun to resume).")
+    ] = Path("nanprobe-validation"),
+    labels: Annotated[list[str] | None, typer.Option(
+        "--labels", help="Ground-truth label volume per input, in input order (repeatable; "
+        "'none' for an input without, 'default' for the bundled brain's). Default: the "
+        "bundled labels for the bundled brain with the default model.")] = None,
+    slices: Annotated[str | None, typer.Option(
+        help="Slices of every view to run: START:STOP[:STEP] or I,J,K (default all 256; e.g. "
+        "0:256:8 for a quick look).")] = None,
+    checkpoints: Annotated[list[Path] | None, typer.Option(
+        "--checkpoint", help="Weights: once (every view) or once per view in --views order "
+        "(FastSurfer: one network per view).")] = None,
+    trust: TrustOpt = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per forward pass.")] = 4,
+    repeats: Annotated[int, typer.Option(
+        min=0, help="Timed rounds per view (plain and nanified interleaved; 0: no timing).")
+    ] = 3,
+    timing_slices: Annotated[int, typer.Option(
+        min=0, help="Central slices of each view timed in each round.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the noisy_max fill.")] = 0,
+) -> None:
+    """Whole-volume accuracy study: plain vs nanified per subject, view and thresholds file.
+
+    Dice per slice and class, paired t-test and Wilcoxon test of the Dice differences per view,
+    skipped work and speed. Writes OUT/validation.json, per subject segmentations in the input's
+    space (plain, nanified, difference) and figures (docs/validation.md).
+    """
+    from .validate import UP_TO_DATE, summary_lines
+    from .validate import validate as run_validation
+
+    with Progress("batches") as bar:
+        seen = [""]
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            if what != seen[0]:  # a new subject or view: one line (with the last one's time)
+                seen[0] = what
+                bar.step(what.removesuffix(UP_TO_DATE), what.endswith(UP_TO_DATE))
+            bar.update("validate", done, total)
+
+        result = run_validation(
+            model, inputs, thresholds or [], out, views=views, labels=labels,
+            checkpoints=checkpoints or [], trust=trust, slices=slices, batch_size=batch_size,
+            repeats=repeats, timing_slices=timing_slices, seed=seed,
+            provenance_extra={"command": command_line(ctx)}, on_progress=on_progress)
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo(f"wrote {out / 'validation.json'}")
 
 
 def run() -> None:  # pragma: no cover - console script entry for `python -m nanprobe`

@@ -6,11 +6,12 @@ Every result file nanprobe writes (run manifests, audit, calibration, reports) g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,26 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write ``data`` (made :func:`json_safe`, keys sorted) to ``path`` atomically."""
     text = json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False)
     return write_text(path, text + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same name ending, e.g. ``.nii.gz``) to write a file to;
+    it replaces ``path`` when the block ends without error and is removed otherwise.
+
+    For writers that need a file name (``nib.save``, ``Figure.savefig``) and pick the format
+    from its ending; parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp.{path.name}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -605,6 +605,10 @@ def render_html(report: Mapping[str, Any], run_dir: Path) -> str:
     sections = "\n".join(
         f'<section id="{sid}">\n<h2>{_e(title)}</h2>\n{bodies[sid](report, run_dir)}\n</section>'
         for sid, title in SECTIONS)
+    from .validate import report_section  # `nanprobe validate` results, when present
+
+    if (validation := report_section(run_dir)) is not None:
+        sections += f'\n<section id="validation">\n<h2>Validation</h2>\n{validation}\n</section>'
     created = report["provenance"]["report"]["created"]
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>nanprobe report: {_e(model)}</title>\n<style>\n{STYLE}\n</style>\n"

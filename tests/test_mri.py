@@ -16,11 +16,14 @@ from nanprobe.data.mri import (
     from_view,
     is_conformed,
     load_volume,
+    map_aparc_aseg2label,
     map_label2aparc_aseg,
+    resample_labels,
     sagittal_to_full,
     slices_to_volume,
     thick_slices,
     to_view,
+    view_axes,
 )
 
 # FastSurfer v1 map_prediction_sagittal2full index list (51 sagittal -> 79 classes), verbatim.
@@ -413,3 +416,74 @@ def test_aggregate_views_shape_errors() -> None:
         aggregate_views(good, np.zeros((51, 2, 2, 2)), good)
     with pytest.raises(ValueError, match="sagittal"):
         aggregate_views(good, good, np.zeros((51, 2, 2, 3)))
+
+
+# --- inverse mapping of segmentations -------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations([0, 1, 2]), st.lists(st.sampled_from([-1, 1]), min_size=3, max_size=3),
+       st.lists(st.integers(-8, 30), min_size=3, max_size=3),
+       st.tuples(*(st.integers(1, 30) for _ in range(3))), st.integers(0, 2**31 - 1))
+def test_resample_labels_reordering_matches_nearest_neighbour(perm, signs, shift, shape, seed):
+    """The copying fast path (axis swaps, flips, integer shifts) against scipy's order-0."""
+    from scipy.ndimage import affine_transform
+
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 7, (11, 17, 13)).astype(np.int16)
+    vox2vox = np.zeros((4, 4))
+    vox2vox[3, 3] = 1.0
+    for a in range(3):
+        vox2vox[perm[a], a] = signs[a]
+    vox2vox[:3, 3] = shift
+    source = np.diag([1.0, 2.0, 1.5, 1.0])
+    source[:3, 3] = (5.0, -3.0, 7.0)
+    got = resample_labels(lab, source, shape, source @ vox2vox, fill=-1)
+    ref = affine_transform(lab, vox2vox, output_shape=shape, order=0, mode="constant", cval=-1)
+    assert got.dtype == lab.dtype and np.array_equal(got, ref)
+
+
+def test_resample_labels_inverts_conform_on_a_1mm_scan() -> None:
+    """A 1 mm RAS scan is only reordered by conform: labels go there and back exactly."""
+    rng = np.random.default_rng(3)
+    shape = (60, 70, 50)
+    affine = np.eye(4)
+    affine[:3, 3] = (-30.0, -40.0, -20.0)
+    img = nib.Nifti1Image(rng.random(shape).astype(np.float32) * 100 + 1, affine)
+    lab = rng.integers(0, 4, shape).astype(np.int16)
+    grid = conform(img).affine
+    on_grid = resample_labels(lab, affine, CONFORMED_SHAPE, grid, fill=-1)
+    assert np.count_nonzero(on_grid >= 0) == lab.size  # every voxel lands once
+    assert np.array_equal(resample_labels(on_grid, grid, shape, affine), lab)
+    # through the general path: a quarter-voxel shift rounds back onto the same voxels
+    shifted = affine.copy()
+    shifted[:3, 3] += 0.25
+    general = resample_labels(on_grid, grid, shape, shifted)
+    assert np.array_equal(general, lab)
+
+
+def test_resample_labels_on_an_oblique_grid_keeps_labels() -> None:
+    lab = np.zeros((20, 20, 20), np.int16)
+    lab[5:15, 5:15, 5:15] = 3
+    rot = np.eye(4)
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot[:2, :2] = [[c, -s], [s, c]]
+    out = resample_labels(lab, np.eye(4), (20, 20, 20), rot)
+    assert set(np.unique(out)) == {0, 3} and 0.7 < (out == 3).sum() / (lab == 3).sum() < 1.3
+
+
+def test_map_aparc_aseg2label_inverts_map_label2aparc_aseg() -> None:
+    classes = np.arange(labels.NUM_CLASSES)
+    assert np.array_equal(map_aparc_aseg2label(map_label2aparc_aseg(classes)), classes)
+    # a right parcel predicted with its left twin's class; unknown ids are background
+    assert map_aparc_aseg2label(np.array([2003, 85, 1000, 5000, -1])).tolist() == [
+        labels.class_index(1003), 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="integers"):
+        map_aparc_aseg2label(np.array([2.5]))
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_view_axes_match_to_view(view) -> None:
+    vol = np.zeros((2, 3, 4))
+    h, w, s = view_axes(view)
+    assert to_view(vol, view).shape == (vol.shape[h], vol.shape[w], vol.shape[s])

@@ -379,3 +379,84 @@ def map_label2aparc_aseg(labels: np.ndarray) -> np.ndarray:
     """Map class labels (0..78) to FreeSurfer aparc.DKTatlas+aseg ids; negative labels stay -1."""
     labels = np.asarray(labels)
     return np.where(labels < 0, np.int32(-1), LABEL_IDS[np.maximum(labels, 0)])
+
+
+def view_axes(view: View) -> tuple[int, int, int]:
+    """Axes ``(h, w, s)`` of a conformed ``(X, Y, Z)`` volume that form the rows, columns and
+    slices of ``view`` (see :func:`to_view`); ValueError for an unknown view."""
+    return _view_axes(view)
+
+
+def slice_axis(view: View) -> int:
+    """Axis of a conformed ``(X, Y, Z)`` volume that ``view`` slices along (coronal 2, axial 1,
+    sagittal 0)."""
+    return _view_axes(view)[2]
+
+
+def resample_labels(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    target_affine: np.ndarray,
+    *,
+    fill: int = 0,
+) -> np.ndarray:
+    """Labels ``(X, Y, Z)`` on the grid ``affine`` resampled onto the grid (``shape``,
+    ``target_affine``) by nearest neighbour; same dtype, never interpolated.
+
+    Each target voxel takes the label of the source voxel nearest to its world position; voxels
+    outside the source volume get ``fill``. With ``affine`` the conformed grid of an image and
+    ``target_affine`` / ``shape`` the image's own, this is the inverse of :func:`conform` for
+    segmentations; when :func:`conform` only reordered axes (a 1 mm input) the round trip
+    copies voxels exactly.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a (X, Y, Z) label volume, got shape {labels.shape}")
+    vox2vox = np.linalg.inv(np.asarray(affine, float)) @ np.asarray(target_affine, float)
+    offset = vox2vox[:3, 3]
+    if _is_reordering(vox2vox) and np.allclose(offset, np.rint(offset), atol=1e-6):
+        return _reorder_labels(labels, vox2vox, tuple(shape), fill)
+    return affine_transform(labels, vox2vox, output_shape=tuple(shape), order=0,
+                            mode="constant", cval=fill, output=labels.dtype)
+
+
+def _reorder_labels(labels: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, int, int],
+                    fill: int) -> np.ndarray:
+    """:func:`resample_labels` for a signed axis permutation with integer shift: copies."""
+    out = np.full(shape, fill, dtype=labels.dtype)
+    order, reads, writes = [], [], []
+    for a in range(3):  # output axis a reads input axis src: i = sign * o + shift
+        src = int(np.argmax(np.abs(vox2vox[:3, a])))
+        sign = int(np.rint(vox2vox[src, a]))
+        i = sign * np.arange(shape[a]) + int(np.rint(vox2vox[src, 3]))
+        ok = np.flatnonzero((i >= 0) & (i < labels.shape[src]))
+        if ok.size == 0:
+            return out
+        first, last = int(i[ok[0]]), int(i[ok[-1]])
+        order.append(src)
+        reads.append(slice(first, last + sign if last + sign >= 0 else None, sign))
+        writes.append(slice(int(ok[0]), int(ok[-1]) + 1))
+    out[tuple(writes)] = labels.transpose(order)[tuple(reads)]
+    return out
+
+
+def map_aparc_aseg2label(ids: np.ndarray) -> np.ndarray:
+    """FreeSurfer aparc.DKTatlas+aseg ids -> the 79 network classes (int16); the inverse of
+    :func:`map_label2aparc_aseg` on the network's labels.
+
+    A right-hemisphere cortical id without its own class (e.g. 2003) takes its left twin's
+    class (1003), as FastSurfer predicts those parcels with one class for both hemispheres;
+    every other id without a class (e.g. 85 optic chiasm, 1000/2000 unknown cortex) becomes
+    background (0).
+    """
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"FreeSurfer label ids must be integers, got dtype {ids.dtype}")
+    lut = np.zeros(int(max(LABEL_IDS.max(), 2999)) + 1, dtype=np.int16)
+    lut[LABEL_IDS] = np.arange(len(LABEL_IDS), dtype=np.int16)
+    rh = np.arange(2000, 3000)
+    orphan = rh[lut[rh] == 0]
+    lut[orphan] = lut[orphan - 1000]
+    known = (ids >= 0) & (ids < len(lut))
+    return np.where(known, lut[np.where(known, ids, 0)], np.int16(0)).astype(np.int16)
