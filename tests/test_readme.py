@@ -26,3 +26,14 @@ def test_readme_main_job_command_installs_and_runs_analyze():
     first = next(ln for ln in readme.splitlines() if ln.startswith("python3 -m venv"))
     assert "pip install -q torch==2.13.0" in first and first.rstrip().endswith("nanprobe analyze")
     assert "analyze" in {c.name or c.callback.__name__ for c in app.registered_commands}
+
+
+def test_readme_stays_short_and_its_links_resolve():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300, "README stays short: depth goes to docs/"
+    targets = re.findall(r"\]\(([^)#\s]+)\)", readme)
+    assert targets, "README links its docs"
+    missing = [t for t in targets if not t.startswith("http") and not (ROOT / t).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
