@@ -376,9 +376,13 @@ def _settings_answer(report: Mapping[str, Any]) -> str:
     why = ("the most conv MACs skipped" if r["objective"] == "skip"
            else "the fastest measured setting")
     saved = f" ({r['thresholds_file']})" if r["thresholds_file"] else ""
-    return (f"{_options(r['thresholds'])}{saved}: {why} while the loss of "
-            f"{_metric_name(r['metric'])} against {_against(r['loss_against'])} stays "
-            f"{_num(r['loss'])} <= {r['tolerance']:g}.")
+    metric, against = _metric_name(r["metric"]), _against(r["loss_against"])
+    if r["loss"] is not None and r["loss"] < 0:  # nanified scores higher: say so, not "loss -x"
+        return (f"{_options(r['thresholds'])}{saved}: {why}; its {metric} against {against} is "
+                f"{_num(-r['loss'])} higher than the plain model's (tolerance: a loss of at "
+                f"most {r['tolerance']:g}).")
+    return (f"{_options(r['thresholds'])}{saved}: {why} while the loss of {metric} against "
+            f"{against} stays {_num(r['loss'])} <= {r['tolerance']:g}.")
 
 
 def _gain_answer(report: Mapping[str, Any]) -> str:
@@ -524,6 +528,25 @@ def commands(run: Run, sig: Mapping[str, Any] | None,
 # figures
 
 
+def _module(key: str) -> str:
+    """``layers/enc.pool/output_0`` -> ``enc.pool``: the module a capture key belongs to."""
+    return key.removeprefix("layers/").rsplit("/", 1)[0]
+
+
+def noise_reach_rows(layers: Sequence[Mapping[str, Any]], pooling: Mapping[str, float]
+                     ) -> list[Mapping[str, Any]]:
+    """The sigdigits rows of the noise-reach figure, in network order: every module's output,
+    ``final``, and the pooled values of the layers in ``pooling`` (audit name -> unstable
+    fraction), renamed to the audit's layer name so that their markers land on them."""
+    rows = []
+    for r in layers:
+        if r["key"].endswith("/output") or r["key"] == "final":
+            rows.append(r)
+        elif r["key"].endswith("/output_0") and _module(r["key"]) in pooling:
+            rows.append({**r, "layer": _module(r["key"])})
+    return rows
+
+
 def write_figures(report: Mapping[str, Any], run_dir: Path, run: Run | None = None,
                   stability: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Draw the report's own figures into ``run_dir/report``; paths relative to ``run_dir``.
@@ -537,10 +560,10 @@ def write_figures(report: Mapping[str, Any], run_dir: Path, run: Run | None = No
         paths["stability"] = _stability_figure(stability, run, folder / "output_stability.png")
     sig = report["sigdigits"]
     if sig is not None:
-        rows = [r for r in sig["layers"] if r["key"].endswith("/output") or r["key"] == "final"]
         audit = report["audit"]
         pooling = (None if audit is None else
                    {name: e["unstable_fraction"] for name, e in audit["layers"].items()})
+        rows = noise_reach_rows(sig["layers"], pooling or {})
         out = report["output_stability"]
         if rows:
             paths["noise_reach"] = plot_noise_reach(

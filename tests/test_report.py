@@ -176,6 +176,12 @@ def test_real_calibration_report(run_copy):
     assert report["summary"]["unstable_pooling"] == {
         k: v["unstable_fraction"] for k, v in unstable.items()}
     assert set(report["summary"]["sigdigits"]) >= {"layers.0", "layers.10", "final"}
+    # the noise-reach figure places every audited pooling layer among the layers
+    from nanprobe.report import noise_reach_rows
+
+    reach = [r["layer"] for r in noise_reach_rows(report["sigdigits"]["layers"], {
+        k: v["unstable_fraction"] for k, v in unstable.items()})]
+    assert set(unstable) <= set(reach) and reach[-1] == "final"
     assert report["provenance"]["run"]["spec"]["model"] == "mnist"
     assert report["provenance"]["commands"][0].startswith("nanprobe mca-run mnist mnist ")
 

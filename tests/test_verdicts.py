@@ -110,3 +110,16 @@ def test_calibrate_reports_progress_and_speed_without_a_terminal(tmp_path):
     assert cal["objective"] == "speed" and command.startswith("nanprobe calibrate mnist mnist ")
     for option in ("--slices 0:8", "--threshold 1.0", "--fill zero", "--objective speed"):
         assert option in command
+
+
+@pytest.mark.parametrize(("loss", "words"), [
+    (0.0004, "while the loss of mean Dice against the plain model stays 0.0004 <= 0.001."),
+    (-0.0006, "its mean Dice against the plain model is 0.0006 higher than the plain model's"),
+])
+def test_what_to_set_never_reads_as_a_negative_loss(loss, words):
+    from nanprobe.report import _settings_answer
+
+    rec = {"thresholds": {"nan_threshold": 0.5}, "thresholds_file": None, "objective": "skip",
+           "metric": "mean_dice", "loss_against": "plain", "loss": loss, "tolerance": 0.001}
+    answer = _settings_answer({"recommendation": rec, "sweep": {}})
+    assert words in answer and "-0." not in answer
