@@ -13,3 +13,15 @@ def kernels(request):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANPROBE_KERNELS", request.param)
         yield request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: faster on small tensors, immune to oversubscribed
+    cores (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,13 +20,7 @@ from nanprobe.models.mnist import MnistCNN
 INF = float("inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: faster on small tensors, immune to oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def neighbours(exact: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
