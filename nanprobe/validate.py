@@ -977,9 +977,10 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
 
 
 def _speed(t: Mapping[str, Any]) -> str:
-    """``0.93x [0.88-1.11] (a slowdown), no measurable difference`` (+ why it is unreliable)."""
-    text = (f"{t['speedup']:.2f}x [{t['speedup_min']:.2f}-{t['speedup_max']:.2f}]"
-            + (" (a slowdown)" if t["speedup"] < 1 else "") + f", {t.get('verdict')}")
+    """``0.93x [0.88-1.11], no measurable difference`` (+ why it is unreliable): the words are
+    the verdict's, so a median below 1 with a range straddling 1 is not called a slowdown."""
+    text = (f"{t['speedup']:.2f}x [{t['speedup_min']:.2f}-{t['speedup_max']:.2f}], "
+            f"{t.get('verdict')}")
     return text + (f"; timing unreliable: {t['busy']}" if t.get("busy") else "")
 
 
