@@ -113,13 +113,16 @@ NOISY_SPREAD = 0.15
 def machine_busy(load_before: float, load_after: float, spread: Sequence[float],
                  median: float) -> str | None:
     """Why timings taken between two 1-minute load averages with ratio ``spread`` around
-    ``median`` are not to be trusted, or None: load above the number of cores, or a spread
-    wider than +-15 %."""
-    cores = os.cpu_count() or 1
+    ``median`` are not to be trusted, or None: load above the number of cores with at least one
+    core's worth of it not this process's own timing threads (``torch.get_num_threads()``,
+    which alone raise the load to about the thread count on a quiet machine), or a spread wider
+    than +-15 %."""
+    cores, own = os.cpu_count() or 1, torch.get_num_threads()
     load = max(load_before, load_after)
     reasons = []
-    if load > cores:
-        reasons.append(f"1-minute load average {load:.1f} on {cores} cores")
+    if load > cores and load - own >= 1.0:
+        reasons.append(f"1-minute load average {load:.1f} on {cores} cores, at most {own} of it "
+                       f"this process's timing threads")
     lo, hi = spread
     if median > 0 and (hi > median * (1 + NOISY_SPREAD) or lo < median * (1 - NOISY_SPREAD)):
         reasons.append(f"speed-up spread {lo:.2f}-{hi:.2f}x around {median:.2f}x is wider than "

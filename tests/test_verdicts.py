@@ -36,6 +36,19 @@ def test_machine_busy_reasons():
     assert "wider than +-15%" in machine_busy(0.1, 0.1, [0.99, 1.2], 1.0)
 
 
+def test_own_timing_threads_alone_do_not_make_the_machine_busy():
+    import torch
+
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:  # a quiet machine: the load is the timing's own threads (2.2 with 2 threads, 2 cores)
+        assert machine_busy(cores + 0.2, cores + 0.2, [0.95, 1.05], 1.0) is None
+        busy = machine_busy(cores + 1.0, 0.1, [0.95, 1.05], 1.0)  # one more core's worth
+        assert f"load average {cores + 1.0:.1f} on {cores} cores" in busy
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _setting(threshold, macs, loss, speed, spread):
     return {"nan_threshold": threshold, "fill": "mean", "skip": {"positions": macs, "macs": macs},
             "loss": loss, "speedup": speed, "speedup_range": spread,
