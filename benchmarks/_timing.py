@@ -21,6 +21,14 @@ from nanprobe.evaluate import interleaved_rounds, ratio_spread
 
 BUSY_KINDS = ("matmul", "loop")
 
+
+def add_busy_option(parser, what: str) -> None:
+    """``--busy [matmul|loop]`` on an argparse ``parser``: also time ``what`` while one
+    :class:`Competitor` runs."""
+    parser.add_argument("--busy", nargs="?", const="matmul", choices=BUSY_KINDS,
+                        help=f"also time {what} while one competing CPU-bound process runs "
+                        "(matmul: numpy on every core, the default; loop: one Python loop)")
+
 _PROGRAMS = {
     "matmul": ("import numpy as np\n"
                "a = np.random.default_rng(0).random((768, 768), dtype=np.float32)\n"

@@ -50,7 +50,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from _timing import BUSY_KINDS, Competitor, ratios, spread
+from _timing import Competitor, add_busy_option, ratios, spread
 
 from nanprobe.calibrate import THRESHOLDS_FILE, calibrate
 from nanprobe.evaluate import (
@@ -116,9 +116,7 @@ def main() -> None:
     parser.add_argument("--filters", type=int, default=None,
                         help="time the default architecture widened to this many filters "
                         "(FastSurfer: 71), seeded random weights, no label agreement")
-    parser.add_argument("--busy", nargs="?", const="matmul", choices=BUSY_KINDS,
-                        help="also time while one competing CPU-bound process runs "
-                        "(matmul: numpy on every core, the default; loop: one Python loop)")
+    add_busy_option(parser, "every batch size")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the torch.compile baseline (d)")
     parser.add_argument("--unfused", action="store_true",

@@ -31,7 +31,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from _timing import BUSY_KINDS, Competitor, ratios, spread
+from _timing import Competitor, add_busy_option, ratios, spread
 from torch import nn
 
 from nanprobe.evaluate import allocator_note, interleaved_rounds, rerun_retaining_freed_memory
@@ -205,9 +205,7 @@ def main() -> None:
     parser.add_argument("--rows", choices=("all", "goals"), default="all",
                         help="'goals': N=1, 71→71 k3 and 64→64 k5 at 256² and 128²")
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per row")
-    parser.add_argument("--busy", nargs="?", const="matmul", choices=BUSY_KINDS,
-                        help="also time every row while one competing CPU-bound process runs "
-                        "(matmul: numpy on every core, the default; loop: one Python loop)")
+    add_busy_option(parser, "every row")
     parser.add_argument("--layer", action="store_true",
                         help="only the fused FastSurfer step against the dense baselines")
     parser.add_argument("--no-compile", action="store_true",

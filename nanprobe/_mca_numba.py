@@ -12,20 +12,34 @@ from numba import njit, prange
 from ._mca_kernels import NORMAL_SCALE, SPLITMIX_GAMMA, SPLITMIX_MUL
 
 
+@njit(inline="always")
+def _splitmix(key, idx):
+    """Word ``idx`` of the SplitMix64 stream seeded with ``key`` (uint64 key, int index)."""
+    z = key + np.uint64(idx + 1) * np.uint64(SPLITMIX_GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_MUL[0])
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_MUL[1])
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _element(q, b, c, index):
+    """Outer coordinates (i, j, k) of row q of a 4-D view (a, b, c, w) walked in prange order,
+    and the flat memory index of its first element (``index``: the view's element strides):
+    element m of the row takes random word ``base + m * index[3]``."""
+    k = q % c
+    j = (q // c) % b
+    i = q // (b * c)
+    return i, j, k, i * index[0] + j * index[1] + k * index[2]
+
+
 @njit(parallel=True, cache=True)
 def splitmix_words(key, out):
     """out[i] = SplitMix64 output i of the stream seeded with ``key`` (uint64 arrays): the state
     ``key + (i + 1) * gamma`` mixed; counter-based, so any slice is computed independently."""
-    gamma = np.uint64(SPLITMIX_GAMMA)
-    m1, m2 = np.uint64(SPLITMIX_MUL[0]), np.uint64(SPLITMIX_MUL[1])
-    s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
     n = out.shape[0]
     for chunk in prange((n + 4095) // 4096):
         for i in range(chunk * 4096, min(n, chunk * 4096 + 4096)):
-            z = key[0] + np.uint64(i + 1) * gamma
-            z = (z ^ (z >> s30)) * m1
-            z = (z ^ (z >> s27)) * m2
-            out[i] = z ^ (z >> s31)
+            out[i] = _splitmix(key[0], i)
 
 
 #: operations of the random-rounding kernels: the float64 value of an element of x
@@ -67,10 +81,7 @@ def _random_round_kernel(op: int, mode: str):
         s = index[3]
         exponent, magnitude = np.int32(0x7F800000), np.int32(0x7FFFFFFF)
         for q in prange(a * b * c):
-            k = q % c
-            j = (q // c) % b
-            i = q // (b * c)
-            base = i * index[0] + j * index[1] + k * index[2]
+            i, j, k, base = _element(q, b, c, index)
             for m in range(w):
                 idx = base + m * s
                 v = np.float64(x[i, j, k, m])
@@ -131,15 +142,6 @@ def pad_transpose_f64(x, ph, pw, xp):
 
 # ------------------------------------------------------------------ "flop" mode (reductions)
 @njit(inline="always")
-def _splitmix(key, idx):
-    """Word ``idx`` of the SplitMix64 stream seeded with ``key`` (uint64 key, int index)."""
-    z = key + np.uint64(idx + 1) * np.uint64(SPLITMIX_GAMMA)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_MUL[0])
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_MUL[1])
-    return z ^ (z >> np.uint64(31))
-
-
-@njit(inline="always")
 def _ulp2(s):
     """Square of the float32 ulp at float64 ``s`` (its binade clamped to float32's normal
     range), 0.0 at 0: ``2**(2k - 46)``, ``k = floor(log2|s|)``, built from the bits."""
@@ -170,10 +172,7 @@ def flop_round_f32(s, v, out, index, key):
     idx of ``key``."""
     a, b, c, w = s.shape
     for q in prange(a * b * c):
-        k = q % c
-        j = (q // c) % b
-        i = q // (b * c)
-        base = i * index[0] + j * index[1] + k * index[2]
+        i, j, k, base = _element(q, b, c, index)
         for m in range(w):
             out[i, j, k, m] = _flop_value(s[i, j, k, m], v[i, j, k, m],
                                           _splitmix(key[0], base + m * index[3]))

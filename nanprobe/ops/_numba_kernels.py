@@ -461,27 +461,39 @@ def partial_means(x, kind, slopes, count, partial, kh, kw, sh, sw, ph, pw, dh, d
                 mean[n, i, j] = tot / max(entries - nans, 1)
 
 
+@njit(inline="always")
+def _crop_row(out, origin, q, h, w):
+    """Row q = g * rows + rr of the crops ``out`` (G, rows, cols, C) taken at ``origin[g]`` =
+    (n, top, left) from an (h, w) map: ``(n, r, left, c_lo, c_hi, dst)`` with r the map row,
+    [c_lo, c_hi) the crop columns inside the map and ``dst = out[g, rr]``, whose columns
+    outside the map are zeroed (all of it, and r = -1, when row r is outside)."""
+    rows, cols = out.shape[1], out.shape[2]
+    g, rr = q // rows, q % rows
+    n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
+    c_lo = min(max(-left, 0), cols)
+    c_hi = max(min(w - left, cols), c_lo)
+    r = top + rr
+    dst = out[g, rr]
+    if r < 0 or r >= h:
+        dst[:, :] = 0
+        return n, -1, left, c_lo, c_hi, dst
+    dst[:c_lo, :] = 0
+    dst[c_hi:, :] = 0
+    return n, r, left, c_lo, c_hi, dst
+
+
 @njit(cache=True, nogil=True)
 def gather_nchw(x, kind, slopes, origin, out, lo, hi):
     """``out[g]`` (rows, cols, C) = ``act(x)`` (N, C, H, W) with NaN -> 0 over the input window
     of rows [top, top + rows) and cols [left, left + cols) of item n, (n, top, left) =
     ``origin[g]``; entries outside the map are 0 (zero padding). Output rows q = g * rows + rr
     in [lo, hi). (A transposition: about 4x the time of ``gather_nhwc``.)"""
-    rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
-    h, w = x.shape[2], x.shape[3]
+    c_ = out.shape[3]
     zero = np.zeros(1, out.dtype)[0]
     for q in range(lo, hi):
-        g, rr = q // rows, q % rows
-        n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
-        c_lo = min(max(-left, 0), cols)
-        c_hi = max(min(w - left, cols), c_lo)
-        r = top + rr
-        dst = out[g, rr]
-        if r < 0 or r >= h:
-            dst[:, :] = zero
+        n, r, left, c_lo, c_hi, dst = _crop_row(out, origin, q, x.shape[2], x.shape[3])
+        if r < 0:
             continue
-        dst[:c_lo, :] = zero
-        dst[c_hi:, :] = zero
         for c in range(c_):
             s = slopes[c]
             src = x[n, c, r]
@@ -493,21 +505,12 @@ def gather_nchw(x, kind, slopes, origin, out, lo, hi):
 @njit(cache=True, nogil=True)
 def gather_nhwc(x, kind, slopes, origin, out, lo, hi):
     """``gather_nchw`` for x: (N, H, W, C)."""
-    rows, cols, c_ = out.shape[1], out.shape[2], out.shape[3]
-    h, w = x.shape[1], x.shape[2]
+    c_ = out.shape[3]
     zero = np.zeros(1, out.dtype)[0]
     for q in range(lo, hi):
-        g, rr = q // rows, q % rows
-        n, top, left = origin[g, 0], origin[g, 1], origin[g, 2]
-        c_lo = min(max(-left, 0), cols)
-        c_hi = max(min(w - left, cols), c_lo)
-        r = top + rr
-        dst = out[g, rr]
-        if r < 0 or r >= h:
-            dst[:, :] = 0.0
+        n, r, left, c_lo, c_hi, dst = _crop_row(out, origin, q, x.shape[1], x.shape[2])
+        if r < 0:
             continue
-        dst[:c_lo, :] = 0.0
-        dst[c_hi:, :] = 0.0
         src = x[n, r]
         for cc in range(c_lo, c_hi):
             pixel = src[left + cc]
